@@ -15,20 +15,28 @@ from .settings import LabSettings, load_settings
 
 # %% auto #0
 __all__ = ['REQUIRED_COLUMNS', 'OPTIONAL_COLUMNS', 'MANIFEST_COLUMNS', 'normalize_manifest', 'read_manifest', 'write_manifest',
-           'dataset_roots', 'unsafe_paths', 'resolve_paths']
+           'dataset_roots', 'unsafe_paths', 'path_datasets', 'resolve_paths', 'Problem', 'ValidationReport',
+           'validate_manifest', 'split_by_group', 'sample_k_shot']
 
-# %% ../nbs/04_manifests.ipynb #4c01e37e
+# %% ../nbs/04_manifests.ipynb #15846f7f
 REQUIRED_COLUMNS = ('dataset', 'path', 'split')
-OPTIONAL_COLUMNS = ('label', 'mask_path', 'group')
+OPTIONAL_COLUMNS = ('label', 'mask_path', 'group', 'mask_dataset')
 MANIFEST_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 _STR_COLUMNS = MANIFEST_COLUMNS
 
-# %% ../nbs/04_manifests.ipynb #836df830
+# %% ../nbs/04_manifests.ipynb #23d8a7cb
 def _fmt(path:Path):
     suf = path.suffix.lower()
     if suf in ('.csv', '.tsv', '.txt'): return 'csv'
     if suf in ('.parquet', '.pq'): return 'parquet'
     raise LabError(f"{path}: unknown manifest format '{suf}'; use .csv or .parquet.")
+
+def _strip_core(df:pd.DataFrame) -> pd.DataFrame:
+    "A copy with the core columns as stripped strings, empty strings as `<NA>`."
+    df = df.copy()
+    for c in _STR_COLUMNS:
+        if c in df.columns: df[c] = df[c].astype('string').str.strip().replace('', pd.NA)
+    return df
 
 def normalize_manifest(df:pd.DataFrame, source='manifest') -> pd.DataFrame:
     "Check the required columns, put the core columns first as strings, keep extra columns."
@@ -36,11 +44,7 @@ def normalize_manifest(df:pd.DataFrame, source='manifest') -> pd.DataFrame:
     if missing:
         raise LabError(f"{source}: missing required column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns)) or 'none'}). "
                        f"A manifest needs {', '.join(REQUIRED_COLUMNS)}; optional: {', '.join(OPTIONAL_COLUMNS)}.")
-    df = df.copy()
-    for c in _STR_COLUMNS:
-        if c in df.columns:
-            s = df[c].astype('string')
-            df[c] = s.str.strip().replace('', pd.NA)
+    df = _strip_core(df)
     order = [c for c in MANIFEST_COLUMNS if c in df.columns]
     return df[order + [c for c in df.columns if c not in order]].reset_index(drop=True)
 
@@ -67,10 +71,10 @@ def write_manifest(df:pd.DataFrame, path) -> Path:
         else: df.to_parquet(tmp, index=False)
     return path
 
-# %% ../nbs/04_manifests.ipynb #a860bee6
+# %% ../nbs/04_manifests.ipynb #d07f1985
 def dataset_roots(df:pd.DataFrame, roots=None) -> dict:
     "`{dataset name: root folder}` for every dataset in `df`, from `roots` (dict or `LabSettings`) or the lab settings."
-    names = sorted(df['dataset'].dropna().unique()) if len(df) else []
+    names = sorted(set(df['dataset'].dropna()) | set(df['mask_dataset'].dropna() if 'mask_dataset' in df.columns else [])) if len(df) else []
     if isinstance(roots, dict):
         missing = [n for n in names if n not in roots]
         if missing: raise LabError(f"No root folder given for dataset(s) {', '.join(missing)}: pass roots={{name: folder}} "
@@ -85,12 +89,366 @@ def unsafe_paths(paths:pd.Series) -> pd.Series:
     norm = p.map(lambda s: posixpath.normpath(s) if s else '')
     return (p == '') | p.str.startswith('/') | p.str.match(r'^[A-Za-z]:') | (norm == '..') | norm.str.startswith('../') | (norm == '.')
 
+def path_datasets(df:pd.DataFrame, column:str='path') -> pd.Series:
+    "The dataset root name of each row's `column`: `dataset`, or `mask_dataset` (where set) for `mask_path`."
+    if column == 'mask_path' and 'mask_dataset' in df.columns: return df['mask_dataset'].fillna(df['dataset'])
+    return df['dataset']
+
 def resolve_paths(df:pd.DataFrame, column:str='path', roots=None) -> pd.Series:
     "Absolute `Path`s for `df[column]` (relative to each row's dataset root); refuses paths outside the root."
+    ds = path_datasets(df, column)
     bad = unsafe_paths(df[column].dropna())
     if bad.any():
         i = bad[bad].index[0]
         raise LabError(f"Row {i}: {column} '{df.at[i, column]}' is absolute or leaves its dataset root; manifest paths must be "
-                       f"relative to the root of dataset '{df.at[i, 'dataset']}' ({int(bad.sum())} such row(s)).")
+                       f"relative to the root of dataset '{ds[i]}' ({int(bad.sum())} such row(s)).")
     r = dataset_roots(df, roots)
-    return pd.Series([None if pd.isna(p) else r[d]/p for d, p in zip(df['dataset'], df[column])], index=df.index, dtype=object)
+    return pd.Series([None if pd.isna(p) else r[d]/p for d, p in zip(ds, df[column])], index=df.index, dtype=object)
+
+# %% ../nbs/04_manifests.ipynb #5b1677b0
+import itertools, os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from .imageio import IMAGE_SUFFIXES, probe_image, read_mask
+
+# %% ../nbs/04_manifests.ipynb #22e5986f
+@dataclass(frozen=True)
+class Problem:
+    "One thing wrong with a manifest: which check, what and what to do, and where (row, column, file)."
+    check: str             # short name of the check, e.g. 'missing_file'
+    message: str           # what is wrong and what to do about it
+    row: object = None     # manifest row (DataFrame index); None when it concerns the whole manifest
+    column: str|None = None # manifest column at fault
+    file: str|None = None  # file at fault (absolute where it could be resolved)
+
+    def __str__(self):
+        where = [f'row {self.row}' if self.row is not None else None, f"column '{self.column}'" if self.column else None, self.file]
+        return f"{', '.join(w for w in where if w) or 'manifest'}: {self.message} [{self.check}]"
+
+
+@dataclass
+class ValidationReport:
+    "All problems `validate_manifest` found; `.ok`, a readable summary, and `.raise_if_problems()`."
+    source: str = 'manifest'                      # the manifest's name in messages
+    n_rows: int = 0                               # rows in the manifest
+    n_files_checked: int = 0                      # rows whose files were opened (see `check_images`)
+    problems: list = field(default_factory=list)  # `Problem`s, manifest-wide first, then by row
+
+    @property
+    def ok(self) -> bool: return not self.problems
+    def counts(self) -> dict: return dict(Counter(p.check for p in self.problems))
+    def to_frame(self) -> pd.DataFrame:
+        "The problems as a table (check, row, column, file, message)."
+        return pd.DataFrame([dict(check=p.check, row=p.row, column=p.column, file=p.file, message=p.message) for p in self.problems],
+                            columns=['check', 'row', 'column', 'file', 'message'])
+    def summary(self) -> str:
+        head = f"{self.source}: {self.n_rows} row(s), {self.n_files_checked} with files opened"
+        if self.ok: return head + ': no problems.'
+        return head + f": {len(self.problems)} problem(s) (" + ', '.join(f'{k} {v}' for k, v in self.counts().items()) + ')'
+    def format(self, max_listed:int=50) -> str:
+        "The summary and the first `max_listed` problems, one per line."
+        lines = [self.summary()] + [f'  {p}' for p in self.problems[:max_listed]]
+        if len(self.problems) > max_listed:
+            lines.append(f'  ... and {len(self.problems) - max_listed} more (all of them: report.problems or report.to_frame()).')
+        return '\n'.join(lines)
+    def __str__(self): return self.format()
+    def __repr__(self): return f'ValidationReport({self.summary()})'
+    def raise_if_problems(self, max_listed:int=50):
+        "Raise `LabError` listing the problems (at most `max_listed`, with a count of the rest); return self if none."
+        if not self.ok: raise LabError(self.format(max_listed) + '\nFix these rows (or drop them) and validate again.')
+        return self
+
+# %% ../nbs/04_manifests.ipynb #5889f5c9
+def _class_sets(classes):
+    "(allowed label strings or None, allowed mask values or None) from `classes`."
+    if classes is None: return None, None
+    if isinstance(classes, dict): return {str(k) for k in classes}, {int(v) for v in classes.values()}
+    classes = list(classes)
+    if all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in classes):
+        return {str(int(c)) for c in classes}, {int(c) for c in classes}
+    return {str(c) for c in classes}, set(range(len(classes)))
+
+# %% ../nbs/04_manifests.ipynb #ae607358
+def _msg(e:Exception, path:str) -> str:
+    s = str(e)
+    return s[len(path)+2:] if s.startswith(path + ': ') else s
+
+def _check_files(row, img, mask, depth, min_side, mask_values) -> list:
+    "Problems with one row's image `img` and mask `mask` (absolute paths or None); `depth` in 'full'/'header'/'none'."
+    out, info = [], None
+    if img is not None:
+        if not os.path.isfile(img):
+            out.append(Problem('missing_file', 'image file not found: fix the path or the dataset root, or drop the row.', row, 'path', img))
+        elif depth != 'none':
+            try: info = probe_image(img, full=depth == 'full')
+            except LabError as e:
+                m, suf = _msg(e, img), os.path.splitext(img)[1].lower()
+                if suf not in IMAGE_SUFFIXES: check, m = 'unsupported_type', f"not an image file (suffix '{suf}'; images are {', '.join(IMAGE_SUFFIXES)}): {m}"
+                else: check = 'unsupported_mode' if 'not supported' in m else 'unreadable_image'
+                out.append(Problem(check, m, row, 'path', img))
+            else:
+                if min(info.width, info.height) < min_side:
+                    out.append(Problem('too_small', f'image is {info.width}x{info.height} px, smaller than min_side={min_side}: '
+                                       'remove it or lower min_side.', row, 'path', img))
+    if mask is not None:
+        if not os.path.isfile(mask):
+            out.append(Problem('missing_mask', 'mask file not found: fix mask_path or drop the row.', row, 'mask_path', mask)); return out
+        if depth == 'none': return out
+        try:
+            if depth == 'full':
+                m = read_mask(mask); size, values = (m.shape[1], m.shape[0]), np.flatnonzero(np.bincount(m.ravel(), minlength=256))
+            else:
+                mi = probe_image(mask, full=False); size, values = (mi.width, mi.height), None
+        except LabError as e:
+            out.append(Problem('unreadable_mask', _msg(e, mask), row, 'mask_path', mask)); return out
+        if info is not None and size != (info.width, info.height):
+            out.append(Problem('mask_size', f'mask is {size[0]}x{size[1]} px but its image is {info.width}x{info.height}: '
+                               'masks must match their image pixel for pixel.', row, 'mask_path', mask))
+        if values is not None:
+            vals = set(values.tolist())
+            if mask_values is not None and not vals <= mask_values:
+                hint = ' (0/255 looks like intensities: store class indices, e.g. mask // 255)' if 255 in vals and 255 not in mask_values else ''
+                out.append(Problem('mask_values', f'mask values {sorted(vals - mask_values)} are not among the classes '
+                                   f'{sorted(mask_values)}{hint}.', row, 'mask_path', mask))
+            elif mask_values is None and vals == {0, 255}:
+                out.append(Problem('mask_values', 'mask holds 0/255 intensities, not class indices (0 = background, 1, 2, ...): '
+                                   'store mask // 255 instead.', row, 'mask_path', mask))
+    return out
+
+# %% ../nbs/04_manifests.ipynb #93f2497e
+def _read_for_validation(path, rep:ValidationReport):
+    "Read a manifest file without refusing it, so that every problem lands in the report."
+    path = Path(path)
+    if not path.is_file(): rep.problems.append(Problem('no_rows', f'manifest {path} does not exist.', file=str(path))); return None
+    try:
+        if _fmt(path) == 'csv': return pd.read_csv(path, dtype={c: 'string' for c in _STR_COLUMNS}, sep='\t' if path.suffix.lower() == '.tsv' else ',')
+        return pd.read_parquet(path)
+    except pd.errors.EmptyDataError: rep.problems.append(Problem('no_rows', 'manifest file is empty (no header, no rows).', file=str(path)))
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as e:
+        rep.problems.append(Problem('no_rows', f'manifest cannot be parsed: {e}', file=str(path)))
+    return None
+
+def _table_checks(df, rep, labelled_splits, label_names):
+    "The vectorised (non-file) checks; appends to `rep.problems`."
+    P = rep.problems
+    for c in REQUIRED_COLUMNS:
+        if c in df.columns:
+            for i in df.index[df[c].isna()]: P.append(Problem('empty_value', f"required value '{c}' is empty.", i, c))
+    for c in ('path', 'mask_path'):
+        if c not in df.columns: continue
+        s = df[c].dropna()
+        bad = unsafe_paths(s)
+        for i in s.index[bad.to_numpy()]:
+            P.append(Problem('unsafe_path', f"'{s[i]}' is absolute or leaves its dataset root: paths must be relative to the root.", i, c, s[i]))
+    if {'dataset', 'path'} <= set(df.columns):
+        sub = df.loc[df['dataset'].notna() & df['path'].notna(), ['dataset', 'path']]
+        sub = sub.assign(_key=sub['path'].str.replace('\\', '/', regex=False).map(posixpath.normpath))   # a/./b.png is a/b.png
+        dup = sub.duplicated(['dataset', '_key'], keep='first')
+        if dup.any():
+            first = sub.assign(_i=sub.index).groupby(['dataset', '_key'], sort=False)['_i'].transform('first')
+            for i in sub.index[dup.to_numpy()]:
+                P.append(Problem('duplicate_path', f"same dataset and path as row {first[i]}: drop one of them.", i, 'path', sub.at[i, 'path']))
+    if 'split' in df.columns:
+        has_label = 'label' in df.columns
+        splits = (set(df.loc[df['label'].notna(), 'split'].dropna()) if has_label else set()) if labelled_splits is None else set(labelled_splits)
+        if splits and not has_label:
+            P.append(Problem('missing_column', f"splits {sorted(splits)} are labelled but the manifest has no 'label' column.", column='label'))
+        elif splits:
+            for i in df.index[df['split'].isin(splits).to_numpy() & df['label'].isna().to_numpy()]:
+                P.append(Problem('missing_label', f"no label, but split '{df.at[i, 'split']}' is labelled: add the label or move the row "
+                                 "to an unlabelled split.", i, 'label'))
+    if label_names is not None and 'label' in df.columns:
+        lab = df['label'].dropna()
+        for i in lab.index[~lab.isin(label_names).to_numpy()]:
+            P.append(Problem('unknown_label', f"label '{lab[i]}' is not one of the classes {sorted(label_names)}.", i, 'label'))
+    if {'group', 'split'} <= set(df.columns):
+        g = df.loc[df['group'].notna() & df['split'].notna(), ['group', 'split']]
+        n = g.groupby('group')['split'].nunique()
+        leaky = g[g['group'].isin(n.index[n > 1])].assign(_pos=lambda x: np.arange(len(x)))
+        leaky = leaky.sort_values(['group', 'split', '_pos'], kind='stable')
+        for grp, rows in itertools.groupby(zip(leaky['group'], leaky['split'], leaky.index), key=lambda t: t[0]):
+            by_split = {sp: [i for _, _, i in r] for sp, r in itertools.groupby(rows, key=lambda t: t[1])}
+            sides = '; '.join(f"{sp} (row{'s' if len(r) > 1 else ''} {', '.join(map(str, r[:5]))}{', ...' if len(r) > 5 else ''})"
+                              for sp, r in by_split.items())
+            first = min((r[0] for r in by_split.values()), key=df.index.get_loc)
+            P.append(Problem('group_leak', f"group '{grp}' is in {len(by_split)} splits: {sides}. A patient on both sides of a "
+                             "split leaks: put all its rows in one split (see `split_by_group`).", first, 'group'))
+
+def validate_manifest(df,                        # manifest DataFrame, or the path of a CSV/Parquet manifest
+                      roots=None,                # {dataset: folder} or `LabSettings`; default: the lab settings
+                      labelled_splits=None,      # splits whose rows need a label; default: splits where any row has one
+                      classes=None,              # allowed classes: names, mask indices, or {name: index} (see above)
+                      check_images:str='full',   # 'full' (decode), 'header' (size and mode) or 'none' (existence only)
+                      check_images_sample:int|None=None, # open only this many random rows' files; None: all rows
+                      min_side:int=32,           # report images whose shorter side is below this (px)
+                      progress:bool=True,        # show a tqdm bar for the file checks
+                      num_workers:int|None=None, # threads for the file checks; default min(16, 4 x CPUs)
+                      seed:int=0,                # for `check_images_sample`
+                      source:str|None=None,      # the manifest's name in messages
+                     ) -> ValidationReport:
+    "Check every row of a manifest (table, paths, files) and report all problems at once."
+    if check_images not in ('full', 'header', 'none'): raise LabError(f"check_images='{check_images}': use 'full', 'header' or 'none'.")
+    rep = ValidationReport(source=source or (str(df) if not isinstance(df, pd.DataFrame) else 'manifest'))
+    if not isinstance(df, pd.DataFrame):
+        df = _read_for_validation(df, rep)
+        if df is None: return rep
+    df = _strip_core(df)
+    if not df.index.is_unique: df = df.reset_index(drop=True)   # rows must be nameable
+    rep.n_rows = len(df)
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    for c in missing:
+        rep.problems.append(Problem('missing_column', f"required column '{c}' is missing (found: {', '.join(map(str, df.columns)) or 'none'}); "
+                                    f"a manifest needs {', '.join(REQUIRED_COLUMNS)}.", column=c))
+    if not len(df):
+        rep.problems.append(Problem('no_rows', 'the manifest has no rows: nothing to train or evaluate on.')); return rep
+    label_names, mask_values = _class_sets(classes)
+    _table_checks(df, rep, labelled_splits, label_names)
+    if 'dataset' in df.columns and 'path' in df.columns:
+        _file_checks(df, rep, roots, check_images, check_images_sample, min_side, mask_values, progress, num_workers, seed)
+    pos = pd.Series(np.arange(len(df)), index=df.index)
+    rep.problems.sort(key=lambda p: (p.row is not None, pos.get(p.row, -1) if p.row is not None else -1))
+    return rep
+
+# %% ../nbs/04_manifests.ipynb #3a5b68b5
+def _roots_or_problems(names, roots, rep, first_rows):
+    "{name: root} for the datasets that have one; a problem for each that has not."
+    out, settings = {}, None
+    for n in names:
+        try:
+            if isinstance(roots, dict):
+                if n not in roots: raise LabError(f"no root folder given for dataset '{n}': add it to roots={{name: folder}}.")
+                if not Path(roots[n]).is_dir(): raise LabError(f"root of dataset '{n}' = {roots[n]} is not an existing folder.")
+                out[n] = Path(roots[n])
+            else:
+                settings = settings or (roots if isinstance(roots, LabSettings) else load_settings())
+                out[n] = settings.dataset_root(n)
+        except LabError as e:
+            rep.problems.append(Problem('unknown_dataset', f"{e} ({first_rows[n][1]} row(s); their files were not checked)", first_rows[n][0], 'dataset'))
+    return out
+
+def _file_checks(df, rep, roots, depth, sample, min_side, mask_values, progress, num_workers, seed):
+    def abs_paths(col):
+        if col not in df.columns: return pd.Series([None]*len(df), index=df.index, dtype=object)
+        ds, p = path_datasets(df, col), df[col]
+        ok = p.notna() & ds.notna() & ~unsafe_paths(p) & ds.isin(list(root_of))
+        out = pd.Series([None]*len(df), index=df.index, dtype=object)
+        out[ok] = [os.path.join(root_of[d], q) for d, q in zip(ds[ok], p[ok])]
+        return out
+    names = pd.concat([df['dataset'], path_datasets(df, 'mask_path')[df['mask_path'].notna()] if 'mask_path' in df.columns else df['dataset'][:0]]).dropna()
+    first_rows = {n: (s.index[0], len(s)) for n, s in names.groupby(names, sort=True)}
+    root_of = {n: str(r) for n, r in _roots_or_problems(sorted(first_rows), roots, rep, first_rows).items()}
+    imgs, masks = abs_paths('path'), abs_paths('mask_path')
+    todo = np.flatnonzero((imgs.notna() | masks.notna()).to_numpy())
+    if not len(todo): return
+    deep = np.ones(len(df), bool)
+    if sample is not None and sample < len(todo):
+        deep[:] = False; deep[np.random.default_rng(seed).choice(todo, size=int(sample), replace=False)] = True
+    index, iv, mv = df.index.tolist(), imgs.to_numpy(), masks.to_numpy()
+    def run(chunk):
+        out = []
+        for j in chunk:
+            out += _check_files(index[j], iv[j], mv[j], depth if deep[j] else 'none', min_side, mask_values)
+        return out, len(chunk)
+    from tqdm.auto import tqdm
+    chunks = np.array_split(todo, max(1, len(todo) // 64))
+    workers = num_workers or min(16, 4 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as ex, tqdm(total=len(todo), disable=not progress, desc='checking files', unit='row') as bar:
+        for probs, n in ex.map(run, chunks):
+            rep.problems += probs; bar.update(n)
+    rep.n_files_checked = int(deep[todo].sum()) if depth != 'none' else 0
+
+# %% ../nbs/04_manifests.ipynb #3fffe429
+def _groups(df:pd.DataFrame, group_col:str) -> pd.Series:
+    "Group of each row as text; rows without one get a group of their own."
+    own = pd.Series(['\x00row:' + str(i) for i in df.index], index=df.index, dtype='string')
+    if group_col not in df.columns: return own
+    return df[group_col].astype('string').fillna(own)
+
+def split_by_group(df:pd.DataFrame,           # manifest (or any table with a group column)
+                   fractions:dict|None=None,  # {split name: fraction of rows}; default {'train': 0.8, 'val': 0.2}
+                   stratify:str|None='label', # column to balance across splits; None (or a column without values): unstratified
+                   seed:int=0,                # shuffles the groups; same seed, same split
+                   group_col:str='group',     # patient / subject column
+                   from_split:str|None=None,  # only re-split the rows whose split is this one; other rows are kept
+                   split_col:str='split',     # the column that receives the split names
+                  ) -> pd.DataFrame:
+    "A copy of `df` with `split_col` set so that no group is on two sides and each split gets ~its fraction (of each class)."
+    fractions = dict(fractions or {'train': 0.8, 'val': 0.2})
+    fr = np.array([float(v) for v in fractions.values()])
+    if not len(fr) or (fr < 0).any() or abs(fr.sum() - 1) > 1e-6:
+        raise LabError(f"fractions={fractions}: give non-negative fractions that sum to 1 (they sum to {fr.sum():g}).")
+    out = df.copy()
+    if from_split is not None:
+        if split_col not in df.columns: raise LabError(f"from_split='{from_split}' but the table has no '{split_col}' column.")
+        rows = df[df[split_col] == from_split]
+        if not len(rows): raise LabError(f"from_split='{from_split}': no row has {split_col} = '{from_split}' "
+                                         f"(splits present: {', '.join(map(str, df[split_col].dropna().unique()))}).")
+    else: rows = df
+    if not len(rows): raise LabError("split_by_group: the table has no rows.")
+    g = _groups(rows, group_col)
+    strata = (rows[stratify].astype('string').fillna('\x00none') if stratify and stratify in rows.columns and rows[stratify].notna().any()
+              else pd.Series('all', index=rows.index))
+    counts = pd.crosstab(g.to_numpy(), strata.to_numpy())          # groups x classes
+    if len(counts) < (fr > 0).sum():
+        raise LabError(f"split_by_group: {len(counts)} group(s) cannot fill {int((fr > 0).sum())} splits {list(fractions)}.")
+    C = counts.to_numpy().astype(float)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(C))
+    order = order[np.argsort(-C[order].sum(1), kind='stable')]
+    target = fr[:, None] * C.sum(0)[None, :]
+    have, where = np.zeros_like(target), np.empty(len(C), int)
+    w = 1.0 / np.maximum(target, 1.0)
+    for gi in order:
+        v = C[gi]
+        cost = (((have + v - target)**2 - (have - target)**2) * w).sum(1)
+        cost[fr == 0] = np.inf
+        s = int(np.argmin(cost)); have[s] += v; where[gi] = s
+    names = np.array(list(fractions), dtype=object)
+    assigned = pd.Series(names[where], index=counts.index)
+    if split_col in out.columns: out[split_col] = out[split_col].astype(object)
+    out.loc[rows.index, split_col] = assigned.loc[g.to_numpy()].to_numpy()
+    if split_col in df.columns and df[split_col].dtype == 'string': out[split_col] = out[split_col].astype('string')
+    return out
+
+# %% ../nbs/04_manifests.ipynb #b3c648c5
+def sample_k_shot(df:pd.DataFrame,      # manifest rows to draw from (e.g. the training split)
+                  k:int,                # images per class
+                  tries:int=1,          # number of independent draws
+                  seed:int=0,           # draw d uses the generator seeded with (seed, d)
+                  label_col:str='label',
+                  group_col:str='group',
+                  group_aware:bool=True,   # k distinct groups per class, one image each (else k images)
+                  on_short:str='error',    # class with fewer than k groups/images: 'error' or 'cap' (take all)
+                 ) -> list:
+    "`tries` reproducible subsets of `df` (DataFrames with the original index) holding `k` images of every class."
+    if on_short not in ('error', 'cap'): raise LabError(f"on_short='{on_short}': use 'error' or 'cap'.")
+    if int(k) < 1 or int(tries) < 1: raise LabError(f"k={k}, tries={tries}: both must be at least 1.")
+    if label_col not in df.columns: raise LabError(f"sample_k_shot: no '{label_col}' column; few-shot draws need labels.")
+    k = int(k)
+    lab = df[df[label_col].notna()]
+    if not len(lab): raise LabError(f"sample_k_shot: no row has a '{label_col}'.")
+    key = pd.DataFrame({'label': lab[label_col].astype(str).to_numpy(),
+                        'group': _groups(lab, group_col).to_numpy() if group_aware else '',
+                        'path': (lab['path'] if 'path' in lab.columns else pd.Series(lab.index, index=lab.index)).astype(str).to_numpy(),
+                        'row': np.arange(len(lab))}).sort_values(['label', 'group', 'path'], kind='stable')
+    lv, gv, rows = key['label'].to_numpy(), key['group'].to_numpy(), key['row'].to_numpy()
+    cuts = np.flatnonzero(np.r_[True, lv[1:] != lv[:-1], True])
+    per_class = {}   # class -> (start of each unit in `rows`, unit sizes); a unit = a group (or an image)
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        starts = np.flatnonzero(np.r_[True, gv[a+1:b] != gv[a:b-1]]) if group_aware else np.arange(b - a)
+        per_class[lv[a]] = (a + starts, np.diff(np.r_[starts, b - a]), b - a)
+    unit = 'groups' if group_aware else 'images'
+    short = {c: (len(st), n) for c, (st, _, n) in per_class.items() if len(st) < k}
+    if short and on_short == 'error':
+        detail = '; '.join(f"'{c}' has {u} {unit}" + (f' ({n} images)' if group_aware else '') for c, (u, n) in short.items())
+        raise LabError(f"k={k} shots per class, but {detail}. Lower k, use on_short='cap'" +
+                       (", or group_aware=False to allow several images per group." if group_aware else '.'))
+    draws = []
+    for d in range(int(tries)):
+        rng, pos = np.random.default_rng([int(seed), d]), []
+        for c, (starts, sizes, _) in per_class.items():
+            pick = rng.permutation(len(starts))[:k]
+            pos.append(rows[starts[pick] + rng.integers(sizes[pick])])
+        draws.append(lab.iloc[np.concatenate(pos)])
+    return draws

@@ -23,9 +23,9 @@ export:
 clean-nbs:
 	nbdev-clean
 
-## docs: offline docs site (no Quarto needed) into _site/
+## docs: offline docs site (no Quarto needed) into _site/ (open _site/index.html); with Quarto: nbdev-docs
 docs:
-	python -m ultradino_lab.docsite
+	python -c "from ultradino_lab.docsite import build_docs; build_docs()"
 
 ## bench-data: decode + sector crop + streamed statistics over the shared HC18 images (JSON in outputs/bench/)
 bench-data:

@@ -7,11 +7,11 @@ Docs: https://ultradino-lab.github.io/ultradino_lab/config.html.md"""
 
 # %% auto #0
 __all__ = ['FUS_MEAN', 'FUS_STD', 'FUS_NORMALIZATION', 'Flip', 'BlurMode', 'PosEmbedInterpolation', 'AttentionPath', 'MaskStyle',
-           'ScalingRule', 'EpochMode', 'Centering', 'Precision', 'PRESETS', 'DataConfig', 'blur_probabilities',
-           'CropsConfig', 'ModelConfig', 'DinoConfig', 'IbotConfig', 'TeacherConfig', 'OptimConfig', 'TrainConfig',
-           'DerivedConfig', 'PretrainConfig', 'apply_overrides', 'to_dict', 'from_dict', 'to_yaml', 'from_yaml',
-           'save_config', 'load_config', 'validate_config', 'get_preset', 'make_config', 'resolve_config',
-           'flatten_config', 'config_diff']
+           'ScalingRule', 'EpochMode', 'Centering', 'Precision', 'BLUR_PROBABILITIES', 'PRESETS', 'DataConfig',
+           'blur_probabilities', 'CropsConfig', 'ModelConfig', 'DinoConfig', 'IbotConfig', 'TeacherConfig',
+           'OptimConfig', 'TrainConfig', 'DerivedConfig', 'PretrainConfig', 'apply_overrides', 'to_dict', 'from_dict',
+           'to_yaml', 'from_yaml', 'save_config', 'load_config', 'validate_config', 'get_preset', 'make_config',
+           'resolve_config', 'flatten_config', 'config_diff']
 
 # %% ../nbs/02_config.ipynb #7c1dd097
 import copy, difflib, math, re, types
@@ -48,13 +48,13 @@ class DataConfig:
     mask_text: bool = False                      # blank burned-in text and calipers outside the sector
 
 # %% ../nbs/02_config.ipynb #fc21a418
-_BLUR = {'intended': (1.0, 0.1, 0.5), 'reference': (0.0, 0.9, 0.5)}
+BLUR_PROBABILITIES = {'intended': (1.0, 0.1, 0.5), 'reference': (0.0, 0.9, 0.5)}
 
 def blur_probabilities(mode:BlurMode='intended' # 'intended' (the paper) or 'reference' (the code's effective values)
                       ) -> tuple[float, float, float]:
     "Gaussian-blur probabilities `(global crop 1, global crop 2, local crops)` for a blur mode."
-    if mode not in _BLUR: raise LabError(f"blur = {mode!r} is not one of 'intended', 'reference'.")
-    return _BLUR[mode]
+    if mode not in BLUR_PROBABILITIES: raise LabError(f"blur = {mode!r} is not one of 'intended', 'reference'.")
+    return BLUR_PROBABILITIES[mode]
 
 @dataclass
 class CropsConfig:
@@ -90,6 +90,7 @@ class ModelConfig:
     layerscale: float = 1e-5                # LayerScale init value; 0 disables LayerScale
     pos_embed_interpolation: PosEmbedInterpolation = 'dinov2'  # how pos-embeds are resized to other crop sizes
     attention: AttentionPath = 'auto'       # attention implementation
+    pretrained_weights: str|None = None     # start from these backbone weights (DINOv2/UltraDINO/timm checkpoint, backbone.safetensors, a run's checkpoint); None: random init
 
     @property
     def interpolate_offset(self) -> float: return 0.1 if self.pos_embed_interpolation == 'dinov2' else 0.0
@@ -141,6 +142,7 @@ class OptimConfig:
     min_lr: float = 1e-6                    # final lr of the cosine schedule
     clip_grad: float = 3.0                  # max grad norm per student part (backbone, each head); 0: off
     freeze_last_layer_epochs: float = 1     # epochs with the heads' last layer frozen
+    freeze_backbone_epochs: float = 0       # epochs at the start with the backbone frozen (lr 0): heads warm up alone
     scaling_rule: ScalingRule = 'sqrt_wrt_1024'  # lr = base_lr*sqrt(effective batch/1024), or 'none': lr = base_lr
     patch_embed_lr_mult: float = 0.2        # extra lr multiplier for the patch embedding
     layerwise_decay: float = 0.9            # lr multiplier per block counted from the top; 1: off
@@ -180,6 +182,7 @@ class DerivedConfig:
     warmup_iterations: int                  # lr warm-up
     teacher_temp_warmup_iterations: int     # teacher temperature warm-up
     freeze_last_layer_iterations: int       # heads' last layer frozen
+    freeze_backbone_iterations: int         # backbone frozen, heads train alone
     checkpoint_period_iterations: int       # between periodic checkpoints
     rankme_every_iterations: int            # between RankMe measurements; 0: off
     rankme_num_samples: int                 # images per RankMe measurement (at most what one process sees in an epoch)
@@ -501,7 +504,7 @@ def validate_config(cfg:PretrainConfig) -> PretrainConfig:
     need(t.warmup_teacher_temp > 0 and t.teacher_temp > 0, "teacher temperatures must be > 0.")
     # optim
     need(o.epochs >= 1, f"optim.epochs = {o.epochs} must be >= 1.")
-    for name in ('warmup_epochs', 'freeze_last_layer_epochs'):
+    for name in ('warmup_epochs', 'freeze_last_layer_epochs', 'freeze_backbone_epochs'):
         v = getattr(o, name)
         need(0 <= v <= o.epochs, f"optim.{name} = {v} must be between 0 and optim.epochs = {o.epochs}.")
     need(0 <= t.warmup_teacher_temp_epochs <= o.epochs, f"teacher.warmup_teacher_temp_epochs = "
@@ -627,6 +630,7 @@ def resolve_config(cfg:PretrainConfig,    # a checked or unchecked config (not m
         warmup_iterations=_its(o.warmup_epochs, per_epoch),
         teacher_temp_warmup_iterations=_its(t.warmup_teacher_temp_epochs, per_epoch),
         freeze_last_layer_iterations=_its(o.freeze_last_layer_epochs, per_epoch),
+        freeze_backbone_iterations=_its(o.freeze_backbone_epochs, per_epoch),
         checkpoint_period_iterations=tr.checkpoint_period or 3 * per_epoch,
         rankme_every_iterations=tr.rankme_every * per_epoch,
         rankme_num_samples=min(tr.rankme_num_samples, per_epoch * tr.batch_size_per_gpu * tr.accum_iter),

@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: test export check-sync nbtest pytest clean-nbs docs bench-data
+.PHONY: test export check-sync nbtest pytest clean-nbs docs bench-data readme
 
 ## test: export, fail if notebooks and library were out of sync or notebooks hold outputs, run notebook tests, then pytest
 test: check-sync nbtest pytest
@@ -30,3 +30,7 @@ docs:
 ## bench-data: decode + sector crop + streamed statistics over the shared HC18 images (JSON in outputs/bench/)
 bench-data:
 	python tools/bench_data.py
+
+## readme: regenerate README.md from nbs/index.ipynb (nbdev-readme needs Quarto)
+readme:
+	python -c "from ultradino_lab.docsite import write_readme; write_readme()"

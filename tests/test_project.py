@@ -23,3 +23,7 @@ def test_library_imports_without_notebooks():
                          cwd='/', capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert 'dataset hc18' in out.stdout
+
+def test_readme_is_generated_from_index():
+    from ultradino_lab.docsite import readme_markdown
+    assert (ROOT/'README.md').read_text() == readme_markdown(ROOT), 'README.md is stale: run `make readme`'

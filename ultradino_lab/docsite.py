@@ -16,7 +16,7 @@ from .core import LabError, atomic_write_text
 # %% auto #0
 __all__ = ['SECTIONS', 'project_root', 'doc_notebooks', 'page_name', 'nav_sections', 'process_notebooks', 'cell_options',
            'fix_links', 'quarto_callouts', 'pandoc_slug', 'notebook_markdown', 'mkdocs_config', 'doc_anchors',
-           'write_pages', 'build_docs']
+           'write_pages', 'build_docs', 'readme_markdown', 'write_readme']
 
 # %% ../nbs/90_docsite.ipynb #3b315ba0
 def project_root(root=None, # the project folder or any folder inside it (default: the working folder, else this package's project)
@@ -543,3 +543,19 @@ def build_docs(out='_site',           # site folder; a relative path is relative
         print(f"docs: {len(rels)} pages ({n_done} notebooks processed, {len(rels) - n_done} cached) in {time.time() - t0:.1f} s "
               f"(mkdocs {time.time() - t1:.1f} s) -> {out/'index.html'}")
     return out
+
+# %% ../nbs/90_docsite.ipynb #6e1a003e
+def readme_markdown(root=None, # the project folder (default: found from the working folder)
+                   ) -> str:
+    "The README text: the Markdown cells of `nbs/index.ipynb`, joined."
+    import nbformat as nbf
+    root = project_root(root)
+    nb = nbf.read(root/'nbs'/'index.ipynb', as_version=4)
+    body = '\n\n'.join(c.source.strip() for c in nb.cells if c.cell_type == 'markdown' and c.source.strip())
+    return '<!-- Generated from nbs/index.ipynb by `make readme`: edit the notebook, not this file. -->\n\n' + body + '\n'
+
+def write_readme(root=None, # the project folder
+                ) -> Path:
+    "Write `README.md` from `nbs/index.ipynb` (atomically)."
+    root = project_root(root)
+    return atomic_write_text(root/'README.md', readme_markdown(root))

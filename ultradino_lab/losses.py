@@ -57,6 +57,7 @@ class LazyCenter(nn.Module):
         self.center_momentum = center_momentum
         self.register_buffer('center', torch.zeros(*center_shape))
         self._pending = None   # (all-reduced [sum, count], async handle or None)
+        self._acc = None       # local [sum, count] of micro-batches not yet sent (`accumulate_center`)
 
     @property
     def has_pending_update(self) -> bool:
@@ -64,12 +65,21 @@ class LazyCenter(nn.Module):
         return self._pending is not None
 
     @torch.no_grad()
-    def update_center(self, teacher_output:Tensor, # [..., K] raw teacher head logits of this step (all tokens used)
+    def accumulate_center(self, teacher_output:Tensor, # [..., K] raw teacher head logits of one micro-batch
+                         ):
+        "Add a micro-batch's logits to the next centre update without starting it (gradient accumulation)."
+        z = teacher_output.detach().float().reshape(-1, self.center.shape[-1])
+        stats = torch.cat([z.sum(0), z.new_full((1,), z.shape[0])])
+        self._acc = stats if self._acc is None else self._acc + stats
+
+    @torch.no_grad()
+    def update_center(self, teacher_output:Tensor|None=None, # [..., K] raw teacher head logits of this step (all tokens used); None: only the accumulated ones
                      ):
         "Start this step's centre update (all-reduced asynchronously when distributed); applied by `apply_center_update`."
         if self._pending is not None: self.apply_center_update()
-        z = teacher_output.detach().float().reshape(-1, self.center.shape[-1])
-        stats = torch.cat([z.sum(0), z.new_full((1,), z.shape[0])])
+        if teacher_output is not None: self.accumulate_center(teacher_output)
+        if self._acc is None: return
+        stats, self._acc = self._acc, None
         self._pending = (stats, _all_reduce(stats, async_op=True))
 
     @torch.no_grad()
@@ -225,6 +235,7 @@ def teacher_targets(teacher_global_cls:Tensor,          # [2B, K] teacher head l
                     ibot_loss:iBOTPatchLoss|None=None,  # holds the iBOT centre; needed with `teacher_masked_patches`
                     n_masked_patches_tensor=None,       # SK only: this process's masked-token count (default: n)
                     n_iterations:int=3,                 # SK iterations
+                    accumulate:bool=False,              # centering: only accumulate the centre statistics (then `update_center()` once per step)
                    ) -> tuple:
     "`(dino_targets [2B,K], ibot_targets [n,K] or None)` in float32; centering mode also starts the lazy centre updates."
     if centering not in CENTERINGS: raise LabError(f"centering = '{centering}': use one of {', '.join(CENTERINGS)}.")
@@ -233,10 +244,10 @@ def teacher_targets(teacher_global_cls:Tensor,          # [2B, K] teacher head l
     ibot_t = None
     if centering == 'centering':
         dino_t = dino_loss.softmax_center_teacher(teacher_global_cls, teacher_temp)
-        dino_loss.update_center(teacher_global_cls)
+        (dino_loss.accumulate_center if accumulate else dino_loss.update_center)(teacher_global_cls)
         if teacher_masked_patches is not None:
             ibot_t = ibot_loss.softmax_center_teacher(teacher_masked_patches, teacher_temp)
-            ibot_loss.update_center(teacher_masked_patches)
+            (ibot_loss.accumulate_center if accumulate else ibot_loss.update_center)(teacher_masked_patches)
     else:
         dino_t = dino_loss.sinkhorn_knopp_teacher(teacher_global_cls, teacher_temp, n_iterations)
         if teacher_masked_patches is not None:

@@ -202,6 +202,8 @@ def build_backbone(arch:str='vit_small_patch16_224', # timm model name (a Vision
     except (TypeError, AssertionError, ValueError) as e:
         raise LabError(f"timm.create_model({arch!r}) failed with these settings ({e}).") from None
     if not isinstance(vit, VisionTransformer): raise LabError(f"arch={arch!r} is a {type(vit).__name__}, not a timm VisionTransformer.")
+    with torch.no_grad():   # DINOv2's CLS enters block 0 as cls_token (normal 1e-6) + its own pos-embed row (trunc-normal 0.02);
+        vit.cls_token.add_(nn.init.trunc_normal_(torch.empty_like(vit.cls_token), std=0.02))   # our layout folds both into cls_token
     bb = DinoBackbone(vit, pos_interp=pos_interp, attention=attention, timm_kwargs=kw)
     return bb.set_drop_path(drop_path_rate, uniform=drop_path_uniform)
 

@@ -14,8 +14,9 @@ from ultradino_lab.adapters import manifest_from_shared
 from ultradino_lab.manifests import split_by_group
 from ultradino_lab.models import build_backbone
 from ultradino_lab.schedules import vit_layer_id, apply_schedules, build_optimizer
+from ultradino_lab.stats import ALL_SHOTS
 from ultradino_lab.finetune import (ClassifierModel, FinetuneTransform, GreyNormalize, BestWeights, ULTRADINO_AS_RUN,
-                                    finetune_param_groups, make_mixup, classification_metrics, finetune_classifier,
+                                    finetune_param_groups, make_mixup, finetune_classifier,
                                     few_shot_finetune)
 
 
@@ -47,7 +48,7 @@ def toy_manifest(folder, n_per_class=(12, 4, 4), levels=(200, 40), seed=0):
 def toy(tmp_path_factory):
     folder = tmp_path_factory.mktemp('toy')
     df = toy_manifest(folder)
-    kw = dict(roots={'toy': str(folder)}, epochs=8, batch_size=4, lr=1e-3, warmup_epochs=1, img_size=64,
+    kw = dict(roots={'toy': str(folder)}, epochs=16, batch_size=4, lr=1e-3, warmup_epochs=1, img_size=64,
               precision='fp32', device='cpu', progress=False)
     return tuple(df[df.split == s] for s in ('train', 'val', 'test')) + (kw,)
 
@@ -88,7 +89,7 @@ def test_layer_decay_is_in_effect_in_the_training_loop(toy):
     lr = kw['lr']
     # AdamW's first step moves each weight by at most the group's lr, and by exactly that where |grad| >> eps
     for name, k in [('pos_embed', 3), ('patch_embed.proj.weight', 3), ('blocks.0.attn.proj.weight', 2),
-                    ('blocks.1.mlp.fc2.weight', 1), ('norm.weight', 0)]:
+                    ('blocks.1.attn.qkv.weight', 1), ('norm.weight', 0)]:
         moved = (after[name] - before[name]).abs().max().item()
         assert moved == pytest.approx(lr * 0.65 ** k, rel=1e-3), name
 
@@ -109,19 +110,19 @@ def test_training_loop_restores_the_epoch_with_max_val_macro_f1(toy, monkeypatch
     "Script the validation macro-F1 per epoch (min at epoch 2, max at epoch 1) and check which weights come back."
     tr, va, te, kw = toy
     scripted, snapshots, calls = [0.30, 0.90, 0.05, 0.60], [], []
-    real_predict, real_metrics = ft._predict, ft.classification_metrics
+    real_predict, real_scores = ft._predict, ft._scores
 
     def predict(model, loader, *a):
         if len(snapshots) < len(scripted): snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
         return real_predict(model, loader, *a)
 
-    def metrics(y, p, classes):
-        out, cm = real_metrics(y, p, classes)
+    def scores(y, p, classes):
+        rows, out, cm = real_scores(y, p, classes)
         if len(calls) < len(scripted): out = out | dict(macro_f1=scripted[len(calls)])
         calls.append(1)
-        return out, cm
+        return rows, out, cm
 
-    monkeypatch.setattr(ft, '_predict', predict); monkeypatch.setattr(ft, 'classification_metrics', metrics)
+    monkeypatch.setattr(ft, '_predict', predict); monkeypatch.setattr(ft, '_scores', scores)
     res = finetune_classifier(tiny_vit().vit, None, tr, va, te, **(kw | dict(epochs=4)))
     assert res.history.val_macro_f1.tolist() == scripted
     assert res.best_epoch == 1 and res.history.is_best.tolist() == [True, True, False, False]
@@ -166,9 +167,13 @@ def test_fetal_planes_end_to_end(fetal, tmp_path):
     rows = res.rows
     assert list(rows.columns[:8]) == ['backbone', 'dataset', 'task', 'protocol', 'shots', 'draw', 'metric', 'value']
     classes = sorted(tr.label.unique())
-    assert set(rows.metric) == {'accuracy', 'macro_f1', 'balanced_accuracy', 'auroc_macro'} | {f'f1_{c}' for c in classes}
-    assert rows.value.dropna().between(0, 1).all()
-    assert rows.set_index('metric').value[['accuracy', 'macro_f1', 'balanced_accuracy', 'auroc_macro']].notna().all()
+    # the one metrics function (evaluate.classification_metrics): the same metric names as the frozen-feature protocols
+    assert {'accuracy', 'macro_f1', 'balanced_accuracy', 'auroc_macro', 'f1', 'recall', 'confusion'} <= set(rows.metric)
+    assert set(rows[rows.metric == 'f1'].class_name) <= set(classes) and set(rows[rows.metric == 'recall'].class_name) <= set(classes)
+    assert rows[rows.metric != 'confusion'].value.dropna().between(0, 1).all()
+    assert rows[rows.metric == 'confusion'].value.sum() == len(te) and (rows.shots == ALL_SHOTS).all()
+    whole = rows[rows.class_name.isna()].set_index('metric').value
+    assert whole[['accuracy', 'macro_f1', 'balanced_accuracy', 'auroc_macro']].notna().all()
     assert (rows.protocol == 'finetune').all() and (rows.split == 'test').all() and (rows.dataset == 'fetal_planes').all()
     assert rows.backbone.unique().tolist() == ['random-init-tiny']
     loss = res.history.train_loss.to_numpy()
@@ -181,7 +186,7 @@ def test_fetal_planes_end_to_end(fetal, tmp_path):
 def test_separable_toy_set_reaches_100_percent(toy):
     tr, va, te, kw = toy
     torch.manual_seed(0)
-    res = finetune_classifier(tiny_vit().vit, None, tr, va, te, **kw)   # full recipe: augmentation, mixup/cutmix, 48 steps
+    res = finetune_classifier(tiny_vit().vit, None, tr, va, te, **kw)   # full recipe: augmentation, mixup/cutmix, 96 steps
     m = res.metrics
     assert m['accuracy'] == 1.0 and m['macro_f1'] == 1.0 and m['auroc_macro'] == 1.0
 
@@ -190,16 +195,16 @@ def test_bf16_dino_backbone_and_avgpool_run(toy):
     tr, va, te, kw = toy
     res = finetune_classifier(tiny_vit(), None, tr, va, te, **(kw | dict(precision='bf16', avgpool=True, max_steps=2)))
     assert res.config['precision'] == 'bf16' and res.model.head[1].in_features == 2 * 192
-    assert res.rows.value.dropna().between(0, 1).all()
+    assert res.rows[res.rows.metric != 'confusion'].value.dropna().between(0, 1).all()
 
 
 def test_few_shot_rows_on_real_data(fetal):
     tr, va, te = fetal
     rows = few_shot_finetune(tiny_vit().vit, None, tr, va, te, shots=(1, 2), tries=2, seed=0, progress=False, epochs=1,
                              warmup_epochs=0, img_size=32, batch_size=16, precision='fp32', device='cpu')
-    assert rows.groupby(['shots', 'draw']).size().to_dict() == {(1, 0): 10, (1, 1): 10, (2, 0): 10, (2, 1): 10}
+    assert rows[rows.metric == 'accuracy'].groupby(['shots', 'draw']).size().to_dict() == {(1, 0): 1, (1, 1): 1, (2, 0): 1, (2, 1): 1}
     assert rows.groupby('shots').n_train.unique().map(list).to_dict() == {1: [6], 2: [12]}
-    assert rows.value.dropna().between(0, 1).all()
+    assert rows[rows.metric != 'confusion'].value.dropna().between(0, 1).all()
     with pytest.raises(LabError, match="k=50"):
         few_shot_finetune(tiny_vit().vit, None, tr, va, te, shots=50, tries=1, progress=False)
 
@@ -219,7 +224,7 @@ def test_bad_input_is_refused_before_training(toy, monkeypatch):
     with pytest.raises(LabError, match="patch size 16"): run(img_size=50)
     with pytest.raises(LabError, match="no image in train_df"): run(classes=['bright', 'dark', 'grey'])
     with pytest.raises(LabError, match='in_chans=1'): run(prepare=GreyNormalize(channels=3))
-    with pytest.raises(LabError, match='warmup_epochs'): run(warmup_epochs=10)
+    with pytest.raises(LabError, match='warmup_epochs'): run(warmup_epochs=20)
     fixed = build_backbone('vit_tiny_patch16_224', depth=1, img_size=64).vit
     fixed.dynamic_img_size = False; fixed.patch_embed.strict_img_size = True
     with pytest.raises(LabError, match='fixed-size ViT'):

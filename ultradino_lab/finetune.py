@@ -8,7 +8,7 @@ Docs: https://ultradino-lab.github.io/ultradino_lab/finetune.html.md"""
 
 # %% ../nbs/16_finetune.ipynb #d3bdab12
 from __future__ import annotations
-import copy, json, math, random, time, warnings
+import copy, json, math, random, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +18,6 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
@@ -27,15 +26,17 @@ from .core import LabError, atomic_path, atomic_write_text
 from .config import FUS_MEAN, FUS_STD
 from .augment import random_resized_crop_boxes
 from .data import LabelledImages
+from .evaluate import classification_metrics
 from .manifests import sample_k_shot
 from .models import DinoBackbone
 from .schedules import CosineScheduler, get_param_groups, build_optimizer, apply_schedules
 from .settings import resolve_device, resolve_precision
+from .stats import ALL_SHOTS, results_frame
 
 # %% auto #0
 __all__ = ['RESIZE_POLICIES', 'ULTRADINO_AS_RUN', 'ROW_COLUMNS', 'GreyNormalize', 'ClassifierModel', 'grid_distortion_axis',
-           'grid_distort', 'FinetuneTransform', 'make_mixup', 'finetune_param_groups', 'classification_metrics',
-           'BestWeights', 'FinetuneResult', 'finetune_classifier', 'few_shot_finetune']
+           'grid_distort', 'FinetuneTransform', 'make_mixup', 'finetune_param_groups', 'BestWeights', 'FinetuneResult',
+           'finetune_classifier', 'few_shot_finetune']
 
 # %% ../nbs/16_finetune.ipynb #961e5b71
 class GreyNormalize:
@@ -272,28 +273,30 @@ def finetune_param_groups(model:ClassifierModel,         # the classifier (backb
     return groups
 
 # %% ../nbs/16_finetune.ipynb #5e400045
-def classification_metrics(y_true,   # true class indices [N]
-                           proba,    # class probabilities [N, C] (rows sum to 1)
-                           classes,  # the C class names, in index order
-                          ) -> tuple[dict, pd.DataFrame]:
-    "`({metric: value}, confusion matrix)` from true labels and predicted probabilities (see the list above)."
+def _scores(y_true,   # true class indices [N]
+            proba,    # class probabilities [N, C] (rows sum to 1)
+            classes,  # the C class names, in index order
+           ) -> tuple:
+    "`(rows, {metric: value}, confusion matrix)` of one split, by `evaluate.classification_metrics`."
     y, P = np.asarray(y_true, dtype=np.int64), np.asarray(proba, dtype=np.float64)
     classes, C = [str(c) for c in classes], len(classes)
     if P.ndim != 2 or P.shape != (len(y), C): raise LabError(f"proba has shape {P.shape}; expected ({len(y)}, {C}).")
-    if not len(y): raise LabError("classification_metrics: no samples.")
-    pred = P.argmax(1)
-    per_class = f1_score(y, pred, labels=range(C), average=None, zero_division=np.nan)
-    present = np.isin(np.arange(C), np.union1d(y, pred))
-    with warnings.catch_warnings():   # "y_pred contains classes not in y_true": expected, handled as documented
-        warnings.simplefilter('ignore', UserWarning)
-        bacc = balanced_accuracy_score(y, pred)
-    out = dict(accuracy=accuracy_score(y, pred), macro_f1=float(np.nanmean(per_class[present])), balanced_accuracy=bacc)
-    aucs = [roc_auc_score(y == c, P[:, c]) for c in range(C) if 0 < (y == c).sum() < len(y)] if np.isfinite(P).all() else []
-    out['auroc_macro'] = float(np.mean(aucs)) if aucs else float('nan')
-    out.update({f'f1_{c}': float(v) for c, v in zip(classes, per_class)})
-    cm = pd.DataFrame(confusion_matrix(y, pred, labels=range(C)), index=pd.Index(classes, name='true'),
-                      columns=pd.Index(classes, name='predicted'))
-    return {k: float(v) for k, v in out.items()}, cm
+    if not len(y): raise LabError("classification metrics: no samples.")
+    idx = np.arange(C)
+    rows = classification_metrics(y, P.argmax(1), P if np.isfinite(P).all() else None, idx)
+    names = {str(i): c for i, c in zip(idx, classes)}
+    for col in ('class_name', 'pred_class'): rows[col] = rows[col].map(lambda v: names.get(v, v) if isinstance(v, str) else v)
+    rows = results_frame(rows)
+    whole = rows[rows.class_name.isna()]
+    out = dict(zip(whole.metric, whole.value.astype(float)))
+    out.setdefault('auroc_macro', float('nan'))
+    f1 = rows[rows.metric == 'f1'].set_index('class_name').value
+    out |= {f'f1_{c}': float(f1.get(c, float('nan'))) for c in classes}
+    conf = rows[rows.metric == 'confusion']
+    M = np.zeros((C, C), dtype=np.int64)
+    M[[classes.index(c) for c in conf.class_name], [classes.index(c) for c in conf.pred_class]] = conf.value.astype(np.int64)
+    cm = pd.DataFrame(M, index=pd.Index(classes, name='true'), columns=pd.Index(classes, name='predicted'))
+    return rows, {k: float(v) for k, v in out.items()}, cm
 
 # %% ../nbs/16_finetune.ipynb #d9b76a65
 class BestWeights:
@@ -486,7 +489,7 @@ def finetune_classifier(backbone:nn.Module,              # timm VisionTransforme
                         backbone_name:str|None=None,     # `backbone` column of the rows
                         dataset:str|None=None,           # `dataset` column (default: the manifest's dataset names)
                         task:str='classification',       # `task` column
-                        shots:int|None=None,             # `shots` column (None: the whole training split)
+                        shots:int|None=ALL_SHOTS,        # `shots` column (ALL_SHOTS = -1, or None: the whole training split)
                         draw:int=0,                      # `draw` column
                        ) -> FinetuneResult:
     "Fine-tune `backbone` + BatchNorm/linear head (UltraDINO's recipe, layer decay applied); best epoch by max val macro-F1."
@@ -551,7 +554,7 @@ def finetune_classifier(backbone:nn.Module,              # timm VisionTransforme
         t0 = time.time()
         losses, step = _train_epoch(model, train_dl, optimizer, sched, step, limit, prepare, mixer, criterion, scaler,
                                     clip_grad, weight_decay, device, precision)
-        val_met, _ = classification_metrics(*_predict(model, val_dl, prepare, device, precision)[::-1], classes)
+        val_met = _scores(*_predict(model, val_dl, prepare, device, precision)[::-1], classes)[1]
         is_best = best.update(epoch, val_met['macro_f1'], model)
         history.append(dict(epoch=epoch, steps=step, train_loss=float(np.mean(losses)) if losses else float('nan'),
                             lr=sched[max(step - 1, 0)], val_macro_f1=val_met['macro_f1'], val_accuracy=val_met['accuracy'],
@@ -562,20 +565,21 @@ def finetune_classifier(backbone:nn.Module,              # timm VisionTransforme
     # ---- best weights -> validation and test
     best.restore(model)
     best_epoch = best.best_epoch if best.best_epoch is not None else history[-1]['epoch']
-    val_metrics, val_cm = classification_metrics(*_predict(model, val_dl, prepare, device, precision)[::-1], classes)
+    val_rows, val_metrics, val_cm = _scores(*_predict(model, val_dl, prepare, device, precision)[::-1], classes)
     if test_ds is not None:
-        metrics, cm = classification_metrics(*_predict(model, _loader(test_ds, ebs, False, num_workers, seed), prepare,
+        rows, metrics, cm = _scores(*_predict(model, _loader(test_ds, ebs, False, num_workers, seed), prepare,
                                                        device, precision)[::-1], classes)
-    else: metrics, cm = val_metrics, val_cm
+    else: rows, metrics, cm = val_rows, val_metrics, val_cm
     if dataset is None:
         dataset = '+'.join(sorted(map(str, train_df['dataset'].unique()))) if 'dataset' in train_df.columns else 'unknown'
     meta = dict(split='test' if test_ds is not None else 'val', seed=seed, best_epoch=best_epoch, epochs_run=len(history),
                 steps=step, val_macro_f1=val_metrics['macro_f1'], n_train=len(train_df), n_val=len(val_df),
                 n_test=len(test_df) if test_df is not None else 0, lr=lr, layer_decay=layer_decay, weight_decay=weight_decay,
                 img_size=img_size, avgpool=avgpool, precision=precision, seconds=round(time.time() - t_start, 2))
-    rows = pd.DataFrame([dict(backbone=backbone_name or _default_name(backbone), dataset=dataset, task=task,
-                              protocol='finetune', shots=shots, draw=draw, metric=k, value=v, **meta)
-                         for k, v in metrics.items()])
+    rows = results_frame(rows, backbone=backbone_name or _default_name(backbone), dataset=dataset, task=task,
+                         protocol='finetune', shots=ALL_SHOTS if shots is None else int(shots), draw=draw,
+                         selected=f'epoch={best_epoch}', **{k: meta[k] for k in ('seed', 'n_train', 'n_test')})
+    rows = rows.assign(**{k: v for k, v in meta.items() if k not in rows.columns})   # run metadata, its own types
     history = pd.DataFrame(history)
     if run_dir is not None:
         atomic_write_text(run_dir/'history.csv', history.to_csv(index=False))

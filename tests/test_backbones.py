@@ -10,6 +10,7 @@ from ultradino_lab.core import LabError
 from ultradino_lab.data import UnlabelledImages
 from ultradino_lab.features import FEATURE_KINDS, RESIZE_POLICIES, EvalTransform, extract_features, feature_cache_key, linear_input
 from ultradino_lab.models import build_backbone, export_backbone
+from conftest import to_official
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,14 +20,6 @@ def perturb(bb, seed=0):
         for p in bb.parameters(): p.add_(0.1 * torch.randn(p.shape, generator=g))
     return bb.eval()
 
-def to_official(bb, seed=1):
-    "Our backbone -> DINOv2's official names and layout (CLS row in pos_embed, register_tokens, mask_token)."
-    sd = {k: v.detach().clone() for k, v in bb.vit.state_dict().items()}
-    pos0 = 0.02 * torch.randn(1, 1, bb.embed_dim, generator=torch.Generator().manual_seed(seed))
-    off = dict(cls_token=sd.pop('cls_token') - pos0, pos_embed=torch.cat([pos0, sd.pop('pos_embed')], 1),
-               mask_token=bb.mask_token.detach().clone())
-    if 'reg_token' in sd: off['register_tokens'] = sd.pop('reg_token')
-    return off | sd
 
 @pytest.fixture(scope='module')
 def rows():

@@ -14,6 +14,7 @@ from ultradino_lab.backbones import load_backbone
 from ultradino_lab.core import LabError
 from ultradino_lab.manifests import resolve_paths, write_manifest
 from ultradino_lab.models import build_backbone
+from conftest import to_official
 from ultradino_lab.stats import ALL_SHOTS, read_results
 from ultradino_lab.benchmark import TASKS, Task, benchmark, is_comparison
 
@@ -108,14 +109,6 @@ def test_fetal_planes_few_shot_knn_and_logreg_mean_ci(tmp_path, monkeypatch):
 
 
 # ---- an official-format DINOv2 checkpoint through the registry, both RGB modes
-def to_official(bb, seed=1):
-    "Our backbone -> DINOv2's official names and layout (CLS row in pos_embed, register_tokens, mask_token)."
-    sd = {k: v.detach().clone() for k, v in bb.vit.state_dict().items()}
-    pos0 = 0.02 * torch.randn(1, 1, bb.embed_dim, generator=torch.Generator().manual_seed(seed))
-    off = dict(cls_token=sd.pop('cls_token') - pos0, pos_embed=torch.cat([pos0, sd.pop('pos_embed')], 1),
-               mask_token=bb.mask_token.detach().clone())
-    if 'reg_token' in sd: off['register_tokens'] = sd.pop('reg_token')
-    return off | sd
 
 def test_official_dinov2_in_both_rgb_modes_via_registry(tmp_path, monkeypatch):
     torch.manual_seed(0)

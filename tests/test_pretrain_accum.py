@@ -12,12 +12,7 @@ SAME = ['model.drop_path_rate=0', 'dino.koleo_loss_weight=0', 'optim.freeze_last
         'train.precision=fp32', 'train.num_workers=0', 'ibot.mask_sample_probability=0', 'ibot.loss_weight=0']
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models: one torch thread avoids oversubscribing a shared CPU (restored afterwards)."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # see conftest.py
 
 
 def test_accumulation_equals_one_batch(tmp_path):

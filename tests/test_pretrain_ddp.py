@@ -16,12 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name('torchrun')
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models: one torch thread avoids oversubscribing a shared CPU (restored afterwards)."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # see conftest.py
 
 
 @pytest.mark.skipif(not TORCHRUN.exists() and shutil.which('torchrun') is None, reason='torchrun not installed')

@@ -22,12 +22,7 @@ print('DONE')
 '''
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models: one torch thread avoids oversubscribing a shared CPU (restored afterwards)."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # see conftest.py
 
 
 def _env():

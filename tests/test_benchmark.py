@@ -22,12 +22,7 @@ CPU = dict(device='cpu', precision='fp32', progress=False, cache_dir=False)
 TINY = dict(kind='random-init', arch='vit_tiny_patch16_224', depth=2, num_register_tokens=4, img_size=64)   # the smoke shape
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models on shared CPUs: one intra-op thread is several times faster than two competing ones."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # see conftest.py
 
 
 @pytest.fixture(scope='session')

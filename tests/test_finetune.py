@@ -20,12 +20,7 @@ from ultradino_lab.finetune import (ClassifierModel, FinetuneTransform, GreyNorm
                                     few_shot_finetune)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny tensors: one thread avoids oversubscribing the shared CPU (10x slower otherwise)."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # see conftest.py
 
 
 def tiny_vit(depth=2, img=64, **kw): return build_backbone('vit_tiny_patch16_224', depth=depth, img_size=img, **kw)

@@ -13,12 +13,7 @@ from ultradino_lab.segment import (NormalizeGrey, ROW_COLUMNS, SegSplit, build_s
 
 CPU = dict(device='cpu', precision='fp32', progress=False)
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "Tiny models on shared CPUs: one intra-op thread is several times faster than two competing ones."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # see conftest.py
 
 @pytest.fixture(scope='module')
 def hc():

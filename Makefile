@@ -12,7 +12,7 @@ check-sync:
 	python tools/check_sync.py
 
 nbtest:
-	nbdev-test --n-workers 2 --timing
+	nbdev-test --n-workers 2 --timing --skip-folder-re "^([_.]|pipelines$$)"
 
 pytest:
 	pytest -q tests

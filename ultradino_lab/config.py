@@ -573,7 +573,7 @@ _PRESET_CHANGES = {
         'teacher.warmup_teacher_temp': 0.04, 'teacher.teacher_temp': 0.04, 'teacher.warmup_teacher_temp_epochs': 3,
         'teacher.momentum_teacher': 0.97,
         'optim.epochs': 10, 'optim.warmup_epochs': 1, 'optim.freeze_last_layer_epochs': 1,
-        'train.batch_size_per_gpu': 32, 'train.official_epoch_length': 100, 'train.checkpoint_period': 100,
+        'train.batch_size_per_gpu': 64, 'train.official_epoch_length': 100, 'train.checkpoint_period': 100,
         'train.log_every': 5, 'train.rankme_every': 2, 'train.rankme_num_samples': 1024,
     },
     'vits16-ultradino': {**_ULTRADINO, 'model.arch': 'vit_small_patch16_224'},

@@ -11,7 +11,12 @@ import math, random
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fastcore.basics import patch_to
+try: from fastcore.basics import patch_to
+except ImportError:   # fastcore comes with the notebooks; a bare runtime (e.g. a GPU image for the benchmarks) may lack it
+    def patch_to(cls):
+        "Decorator: set the function as an attribute of `cls` (fastcore's `patch_to`, minimal)."
+        def _add(f): setattr(cls, f.__name__, f); return f
+        return _add
 from .core import LabError
 from .config import FUS_MEAN, FUS_STD, BLUR_PROBABILITIES, Flip, MaskStyle
 from typing import get_args
@@ -358,23 +363,27 @@ class ReferenceMultiCrop:
                     local_crops=[self.local(self.geometric_local(image)) for _ in range(self.local_crops_number)])
 
 # %% ../nbs/08_augment.ipynb #f517660a
-def _images_per_second(fn, items, per=1, reps=3):
-    "Best of `reps` passes over `items`, in this thread's CPU time (other processes distort it less than wall time)."
-    import time
-    fn(items[0]); best = 0.
+def _images_per_second(fn, items, per=1, reps=3, stat='best'):
+    "Best (or median) of `reps` passes over `items`, in this thread's CPU time (other processes distort it less than wall time)."
+    import time, statistics
+    fn(items[0]); rates = []
     for _ in range(reps):
         t0 = time.thread_time()
         for it in items: fn(it)
-        best = max(best, per * len(items) / max(time.thread_time() - t0, 1e-9))
-    return best
+        rates.append(per * len(items) / max(time.thread_time() - t0, 1e-9))
+    return max(rates) if stat == 'best' else statistics.median(rates)
 
 def augment_speed(images,                                    # uint8 greyscale arrays, e.g. 64 real images
                   settings=((224, 96, 8), (112, 48, 6)),     # (global_crops_size, local_crops_size, local_crops_number)
                   batch_sizes=(16, 64),                      # augment_batch sizes to time
-                  reps:int=3,                                # passes; the best counts
+                  reps:int=3,                                # passes over the images
+                  stat:str='best',                           # which pass counts: 'best' or 'median'
                  ) -> list[dict]:
     "Images/s on one thread: `ReferenceMultiCrop` vs `MultiCropAugmentation` per image, batched, and bilinear."
     from PIL import Image
+    if stat not in ('best', 'median'): raise LabError(f"stat={stat!r}: use 'best' or 'median'.")
+    if reps < 1 or not len(images): raise LabError(f"augment_speed needs reps >= 1 (got {reps}) and at least one image.")
+    ips = lambda fn, items, per=1: _images_per_second(fn, items, per, reps, stat)
     threads = torch.get_num_threads(); torch.set_num_threads(1)
     try:
         arrays = [np.ascontiguousarray(a) for a in images]
@@ -384,11 +393,10 @@ def augment_speed(images,                                    # uint8 greyscale a
         for G, L, n in settings:
             kw = dict(global_crops_size=G, local_crops_size=L, local_crops_number=n)
             ours = MultiCropAugmentation(**kw)
-            row = dict(setting=f'2x{G} + {n}x{L}', reference=_images_per_second(ReferenceMultiCrop(**kw), pils, reps=reps),
-                       per_image=_images_per_second(ours, tens, reps=reps))
-            for bs in batch_sizes: row[f'batch{bs}'] = _images_per_second(ours.augment_batch, batches(bs), bs, reps)
-            row[f'bilinear_batch{batch_sizes[0]}'] = _images_per_second(
-                MultiCropAugmentation(**kw, interpolation='bilinear').augment_batch, batches(batch_sizes[0]), batch_sizes[0], reps)
+            row = dict(setting=f'2x{G} + {n}x{L}', reference=ips(ReferenceMultiCrop(**kw), pils), per_image=ips(ours, tens))
+            for bs in batch_sizes: row[f'batch{bs}'] = ips(ours.augment_batch, batches(bs), bs)
+            row[f'bilinear_batch{batch_sizes[0]}'] = ips(MultiCropAugmentation(**kw, interpolation='bilinear').augment_batch,
+                                                         batches(batch_sizes[0]), batch_sizes[0])
             rows.append(row)
         return rows
     finally: torch.set_num_threads(threads)

@@ -151,6 +151,7 @@ class MetaArch(nn.Module):
                            batch:dict,                  # collated micro-batch (`collate_dino` keys)
                            teacher_temp:float,          # this iteration's teacher temperature
                            student:nn.Module|None=None, # the student to call (its DDP wrapper); default `self.student`
+                           timer=None,                  # `timer('teacher')` after the teacher pass (profiling); None: none
                           ) -> tuple:
         "Teacher pass, targets (centre statistics accumulated) and student pass of one micro-batch: `(loss, logs)`."
         student = self.student if student is None else student
@@ -161,6 +162,7 @@ class MetaArch(nn.Module):
         dino_t, ibot_t = teacher_targets(t['global_cls_logits'], teacher_temp, self.dino_loss, self.centering,
                                          t['masked_patch_logits'], self.ibot_patch_loss if self.do_ibot else None,
                                          n_masked_patches_tensor=batch.get('n_masked_patches'), accumulate=True)
+        if timer is not None: timer('teacher')
         s = student(g, local, masks, idx)
         return dino_losses(s['global_cls_logits'], dino_t, s['local_cls_logits'], dino_loss=self.dino_loss,
                            dino_weight=self.dino_weight, student_global_backbone_cls=s['global_backbone_cls'],
@@ -179,6 +181,11 @@ class MetaArch(nn.Module):
         "Apply pending centre updates now (before saving a checkpoint: the resumed run then equals the uninterrupted one)."
         self.dino_loss.apply_center_update(); self.ibot_patch_loss.apply_center_update()
 
+    def compile_backbones(self, **kwargs):
+        "`torch.compile` the transformer blocks of student and teacher in place (`DinoBackbone.compile_blocks`); returns self."
+        for side in (self.student, self.teacher): side.backbone.compile_blocks(**kwargs)
+        return self
+
     @torch.no_grad()
     def update_teacher(self, momentum:float):
         "EMA of every student parameter (backbone and heads; not buffers): `teacher <- m·teacher + (1-m)·student`."
@@ -193,6 +200,8 @@ def build_optimizer_for(meta:MetaArch, cfg) -> torch.optim.AdamW:
     groups = get_param_groups(meta.student.parts, layerwise_decay=o.layerwise_decay, patch_embed_lr_mult=o.patch_embed_lr_mult)
     return build_optimizer(groups, betas=(o.adamw_beta1, o.adamw_beta2))
 
+def _no_mark(phase:str): pass
+
 def train_step(meta:MetaArch,                    # the meta-architecture (student trained, teacher EMA)
                optimizer:torch.optim.Optimizer,  # from `build_optimizer_for`
                micro_batches:list,               # collated micro-batches of this step (accumulated)
@@ -202,9 +211,11 @@ def train_step(meta:MetaArch,                    # the meta-architecture (studen
                autocast=None,                    # context manager factory for the forward (e.g. bf16 autocast); None: none
                clip_grad:float=3.0,              # max grad norm per student part; 0: measure only
                freeze_backbone:bool=False,       # backbone lr 0 for this step (heads warm up alone)
+               timer=None,                       # `timer(phase)` at the end of each phase (profiling, see below); None: none
               ) -> dict:
     "One optimiser step with exact gradient accumulation; returns detached logs (mean over micro-batches) and grad norms."
     if not micro_batches: raise LabError("train_step needs at least one micro-batch.")
+    mark = timer or _no_mark
     apply_schedules(optimizer, values)
     if freeze_backbone:
         for g in optimizer.param_groups:
@@ -212,20 +223,25 @@ def train_step(meta:MetaArch,                    # the meta-architecture (studen
     student = meta.student if student is None else student
     autocast = autocast or nullcontext
     optimizer.zero_grad(set_to_none=True)
+    mark('optimizer')
     n, total = len(micro_batches), {}
     for i, mb in enumerate(micro_batches):
         sync = student.no_sync() if (i < n - 1 and hasattr(student, 'no_sync')) else nullcontext()
         with sync:
-            with autocast(): loss, logs = meta.micro_batch_losses(mb, values['teacher_temp'], student)
+            with autocast(): loss, logs = meta.micro_batch_losses(mb, values['teacher_temp'], student, timer=timer)
+            mark('forward')
             loss = loss / n
             (scaler.scale(loss) if scaler is not None else loss).backward()
+            mark('backward')
         for k, v in logs.items(): total[k] = total[k] + v if k in total else v
     if scaler is not None: scaler.unscale_(optimizer)
     norms = clip_grad_norm_per_module(meta.student.parts, clip_grad)
     if scaler is not None: scaler.step(optimizer); scaler.update()
     else: optimizer.step()
+    mark('optimizer')
     meta.update_teacher(values['mom'])
     meta.update_centres()
+    mark('ema')
     out = {k: v / n for k, v in total.items()}
     out.update({f'grad_norm_{k}': v.detach() for k, v in norms.items()})
     return out

@@ -109,6 +109,11 @@ class DinoBackbone(nn.Module):
             blk.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
         return self
 
+    def compile_blocks(self, **kwargs):
+        "Compile the transformer blocks in place with `torch.compile(**kwargs)` (parameter names unchanged); returns self."
+        self.vit.blocks.compile(**kwargs)
+        return self
+
     def prepare_tokens(self, x:torch.Tensor, masks:torch.Tensor|None=None) -> torch.Tensor:
         "Patch-embed `x` [B,C,H,W], put `mask_token` at masked patches, add position embeddings, prepend CLS and registers."
         vit = self.vit

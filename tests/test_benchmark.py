@@ -1,5 +1,6 @@
 """The benchmark suite end to end (issue 4, "Done when"), on the real shared data, on CPU: HC18 segmentation of a
-smoke-pretrained backbone against random init with the per-image paired comparison in results.csv; few-shot k-NN
+smoke-pretrained backbone against random init with the per-image paired comparison in results.csv and the predicted
+masks saved next to it (their Dice is the per-image row's); few-shot k-NN
 and logistic regression on the 160 FETAL_PLANES_DB images with group-aware draws and mean ± CI; an official-format
 DINOv2 checkpoint through the registry in both RGB modes (features once per backbone and task, through the cache);
 bad input refused before any long computation."""
@@ -12,8 +13,10 @@ import ultradino_lab.benchmark as B
 from ultradino_lab.adapters import manifest_from_shared
 from ultradino_lab.backbones import load_backbone
 from ultradino_lab.core import LabError
+from ultradino_lab.imageio import read_mask
 from ultradino_lab.manifests import resolve_paths, write_manifest
 from ultradino_lab.models import build_backbone
+from ultradino_lab.segment import load_seg_predictions
 from conftest import to_official
 from ultradino_lab.stats import ALL_SHOTS, read_results
 from ultradino_lab.benchmark import TASKS, Task, benchmark, is_comparison
@@ -76,6 +79,24 @@ def test_hc18_segmentation_rows_and_paired_comparison_in_results_csv(smoke_run, 
     md = (tmp_path/'bench'/'results.comparison.md').read_text()
     assert 'smoke-run vs random-init' in md and 'hc_abs_err_mm (mm)' in md and 'wilcoxon' in md
     assert len(pd.read_csv(tmp_path/'bench'/'results.comparison.csv')) == len(c)
+    # the predicted test masks, one file per backbone: recomputed from a saved mask and its ground truth, the per-image
+    # Dice is the one in results.per_image.csv, for every test image
+    masks = tmp_path/'bench'/'results.masks'
+    assert res.paths['masks'] == masks
+    assert sorted(f.relative_to(masks).as_posix() for f in masks.rglob('*')) == [
+        'hc18', 'hc18/linear', 'hc18/linear/random-init.npz', 'hc18/linear/smoke-run.npz']
+    for name, per_b in (('smoke-run', a), ('random-init', b)):
+        sp = load_seg_predictions(masks/'hc18'/'linear'/f'{name}.npz')
+        assert (sp.backbone, sp.dataset, sp.protocol, sp.benchmark_id) == (name, 'hc18', 'linear', res.benchmark_id)
+        assert sorted(sp.rows.image) == sorted(per_b.index)
+        truth = resolve_paths(sp.rows, 'mask_path')
+        recomputed = {}
+        for img, mp in zip(sp.rows.image, truth):
+            gt, pm = read_mask(mp) == 1, sp.mask(img)
+            assert pm.shape == gt.shape and pm.dtype == np.uint8 and set(np.unique(pm)) <= {0, 1}
+            pm = pm == 1
+            recomputed[img] = 2 * (pm & gt).sum() / (pm.sum() + gt.sum())
+        assert pd.Series(recomputed)[per_b.index].to_numpy() == pytest.approx(per_b.to_numpy(), abs=1e-9)
 
 
 # ---- FETAL_PLANES_DB: few-shot k-NN and logistic regression, 5 group-aware draws, mean ± CI
@@ -197,6 +218,9 @@ def test_bad_input_is_refused_before_any_work(tmp_path, no_work):
         run(tasks=[replace(TASKS['fetal_planes'], val_split=None)], protocols=['logreg'])
     (tmp_path/'other.csv').write_text('a,b\n1,2\n')
     with pytest.raises(LabError, match='is not a results table'): run(results=tmp_path/'other.csv')
+    with pytest.raises(LabError, match=r"save_masks='false': give True or False"): run(save_masks='false')
+    (tmp_path/'r.masks').write_text('')
+    with pytest.raises(LabError, match=r"r\.masks is a file, but the predicted masks go into a folder"): run()
     assert not (tmp_path/'r.csv').exists()
 
 

@@ -26,6 +26,7 @@ from .features import extract_features, linear_input
 from .evaluate import knn_eval, linear_probe, linear_probe_inputs, logistic_regression, few_shot
 from .finetune import finetune_classifier, few_shot_finetune
 from .segment import check_backbone_input, train_segmentation, evaluate_segmentation, few_shot_segmentation
+from .segment import predictions_path, save_seg_predictions
 from .stats import ALL_SHOTS, HEADLINE_METRICS, append_results, read_results, results_frame, summarize
 from .stats import paired_comparison, format_comparison, markdown_table
 
@@ -516,7 +517,7 @@ class BenchmarkResult:
     tables: dict               # 'A vs B' -> paper-style formatted comparison (`format_paired`)
     backbones: pd.DataFrame    # name, kind, arch, in_chans, rgb_mode, patch_size, registers, fingerprint (first = reference)
     timings: pd.DataFrame      # seconds per (task, backbone, step)
-    paths: dict                # results, per_image, comparison_csv, comparison_md (empty when nothing was written)
+    paths: dict                # results, per_image, comparison_csv, comparison_md, masks (empty when nothing was written)
     benchmark_id: str          # the `benchmark_id` column of this call's rows
     notes: list = field(default_factory=list)   # what was derived (val splits, limits, capped k)
 
@@ -537,9 +538,12 @@ def _result_paths(results) -> dict:
     p = Path(results) if results is not None else load_settings().outputs_dir/'benchmark'/'results.csv'
     if p.suffix.lower() != '.csv': p = p/'results.csv'
     out = dict(results=p, per_image=p.with_name(p.stem + '.per_image.csv'),
-               comparison_csv=p.with_name(p.stem + '.comparison.csv'), comparison_md=p.with_name(p.stem + '.comparison.md'))
+               comparison_csv=p.with_name(p.stem + '.comparison.csv'), comparison_md=p.with_name(p.stem + '.comparison.md'),
+               masks=p.with_name(p.stem + '.masks'))
     for k in ('results', 'per_image'):
         if out[k].exists(): read_results(out[k])          # an existing table must be one (else: fail before the work)
+    if out['masks'].exists() and not out['masks'].is_dir():
+        raise LabError(f"{out['masks']} is a file, but the predicted masks go into a folder of that name: move it away.")
     return out
 
 def _backbone_info(lb:LoadedBackbone) -> dict:
@@ -624,8 +628,8 @@ def _classification(lb, td, protos, opts, fopts, shots, tries, seed, on_short, c
         out.append(r); bar.update(1)
     return out
 
-def _segmentation(lb, td, protos, opts, shots, tries, seed, on_short, common, bar) -> tuple:
-    "Rows (and per-image rows) of every segmentation protocol of one backbone on one task."
+def _segmentation(lb, td, protos, opts, shots, tries, seed, on_short, common, bar, masks_to=None, benchmark_id=None) -> tuple:
+    "Rows (and per-image rows) of every segmentation protocol of one backbone on one task; test masks saved under `masks_to`'s .masks/."
     t, out, per = td.task, [], []
     val = td.rows('val') if t.val_split is not None else None
     for p in protos:
@@ -645,9 +649,15 @@ def _segmentation(lb, td, protos, opts, shots, tries, seed, on_short, common, ba
             out.append(results_frame(r, dataset=t.name))
         else:
             with ctx: model = train_segmentation(lb, None, td.rows('train'), val, seed=seed, **kw)
-            rows, table = evaluate_segmentation(model, td.rows('test'), backbone=lb.name, dataset=t.name, hc=t.hc,
-                                                roots=common['roots'], progress=common['progress'], per_image=True)
+            rows, table, masks = evaluate_segmentation(model, td.rows('test'), backbone=lb.name, dataset=t.name, hc=t.hc,
+                                                       roots=common['roots'], progress=common['progress'], per_image=True,
+                                                       return_masks=True)
             rows = results_frame(rows, seed=seed)
+            if masks_to is not None:
+                proto = str(rows['protocol'].iloc[0])
+                save_seg_predictions(predictions_path(masks_to, t.name, proto, lb.name), masks, td.rows('test'), lb.name, t.name,
+                                     proto, benchmark_id=benchmark_id)
+            del masks
             out.append(rows)
             per.append(per_image_rows(table, td.rows('test'), rows, td.num_classes))
             del model
@@ -675,6 +685,7 @@ def benchmark(backbones,                      # registry YAML, mapping name -> s
               compare_metrics=COMPARE_METRICS, # metrics of the paired comparison (None: all)
               n_boot:int|None=None,           # bootstrap resamples of the comparison; None: 10,000 (quick: 2,000)
               confidence:float=0.95,          # of every CI
+              save_masks:bool=True,           # predicted test masks of seg_linear / seg_multilevel to <results stem>.masks/ (with results)
               **protocol_options,             # per protocol a dict (knn=dict(ks=(10, 20)), seg_linear=dict(iters=500)); features=dict(...)
              ) -> BenchmarkResult:
     "Benchmark `backbones` on `tasks` with `protocols`: checks first, rows to results.csv, paired comparison vs the first backbone."
@@ -690,6 +701,7 @@ def benchmark(backbones,                      # registry YAML, mapping name -> s
     for k, v in protocol_options.items():
         if not isinstance(v, dict): raise LabError(f"{k}={v!r}: give the options of '{k}' as a dict, e.g. {k}=dict(...).")
     if on_short not in ('error', 'cap'): raise LabError(f"on_short={on_short!r}: use 'error' or 'cap'.")
+    if not isinstance(save_masks, (bool, np.bool_)): raise LabError(f"save_masks={save_masks!r}: give True or False.")
     shots = [int(shots)] if np.ndim(shots) == 0 else [int(k) for k in shots]
     if any(k < 1 for k in shots): raise LabError(f"shots={shots}: every k must be >= 1.")
     tries = int(tries if tries is not None else (QUICK_TRIES if quick else 5))
@@ -743,7 +755,8 @@ def benchmark(backbones,                      # registry YAML, mapping name -> s
             if t.kind == 'classification':
                 out, per = _classification(lb, td, ps, {p: dict(opts[p]) for p in ps}, dict(fopts), shots, tries, seed, on_short, common, bar), []
             else:
-                out, per = _segmentation(lb, td, ps, opts, shots, tries, seed, on_short, common, bar)
+                out, per = _segmentation(lb, td, ps, opts, shots, tries, seed, on_short, common, bar,
+                                         masks_to=paths['results'] if paths and save_masks else None, benchmark_id=bid)
             rows = results_frame(pd.concat(out, ignore_index=True), benchmark_id=bid)
             per = results_frame(pd.concat(per, ignore_index=True), benchmark_id=bid) if per else None
             if paths:

@@ -8,17 +8,19 @@ Docs: https://ultradino-lab.github.io/ultradino_lab/segment.html.md"""
 
 # %% ../nbs/17_segment.ipynb #87a75518
 from __future__ import annotations
-import contextlib, copy, math, warnings
+import contextlib, copy, hashlib, math, re, warnings
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
 from scipy import ndimage as ndi
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
-from .core import LabError
+from .core import LabError, atomic_path
 from .config import FUS_MEAN, FUS_STD
 from .adapters import fit_ellipse
 from .data import SegmentationImages
@@ -27,13 +29,14 @@ from .schedules import get_param_groups, build_optimizer, apply_schedules, Cosin
 from .settings import load_settings, resolve_device, resolve_precision
 
 # %% auto #0
-__all__ = ['RESIZE_MODES', 'HEADS', 'FIT_METHODS', 'SCHEDULES', 'ROW_COLUMNS', 'backbone_vit', 'describe_backbone',
-           'NormalizeGrey', 'resolve_prepare', 'check_backbone_input', 'letterbox', 'restore_logits', 'dense_features',
-           'multilevel_blocks', 'LinearSegHead', 'ConvNormAct', 'MultiLevelSegHead', 'SegmentationModel',
-           'build_segmentation_model', 'segmentation_param_groups', 'soft_dice_loss', 'SegmentationLoss',
-           'intersect_and_union', 'segmentation_scores', 'largest_component', 'ellipse_perimeter', 'fit_mask_ellipse',
-           'head_circumference', 'measure_head_circumference', 'SegSplit', 'lr_schedule', 'augment_pair',
-           'predict_masks', 'train_segmentation', 'segmentation_rows', 'evaluate_segmentation', 'run_segmentation',
+__all__ = ['RESIZE_MODES', 'HEADS', 'FIT_METHODS', 'SCHEDULES', 'ROW_COLUMNS', 'PREDICTIONS_FORMAT', 'backbone_vit',
+           'describe_backbone', 'NormalizeGrey', 'resolve_prepare', 'check_backbone_input', 'letterbox',
+           'restore_logits', 'dense_features', 'multilevel_blocks', 'LinearSegHead', 'ConvNormAct', 'MultiLevelSegHead',
+           'SegmentationModel', 'build_segmentation_model', 'segmentation_param_groups', 'soft_dice_loss',
+           'SegmentationLoss', 'intersect_and_union', 'segmentation_scores', 'largest_component', 'ellipse_perimeter',
+           'fit_mask_ellipse', 'head_circumference', 'measure_head_circumference', 'SegSplit', 'lr_schedule',
+           'augment_pair', 'predict_masks', 'train_segmentation', 'segmentation_rows', 'evaluate_segmentation',
+           'predictions_path', 'save_seg_predictions', 'SegPredictions', 'load_seg_predictions', 'run_segmentation',
            'few_shot_segmentation']
 
 # %% ../nbs/17_segment.ipynb #cc246d3a
@@ -732,7 +735,7 @@ def train_segmentation(backbone,                    # timm ViT, `DinoBackbone`, 
                        protocol=_protocol(head, model.freeze_backbone), precision=precision)
     return model
 
-# %% ../nbs/17_segment.ipynb #03d085b8
+# %% ../nbs/17_segment.ipynb #686c07c4
 ROW_COLUMNS = ('backbone', 'dataset', 'task', 'protocol', 'shots', 'draw', 'metric', 'value')
 
 def segmentation_rows(scores:dict,     # metric -> value
@@ -772,8 +775,9 @@ def evaluate_segmentation(model:SegmentationModel,  # trained model (`train_segm
                           precision:str|None=None,  # default: the training precision
                           progress:bool=True,       # tqdm bar while loading
                           per_image:bool=False,     # also return a per-image table (Dice, IoU, HC)
+                          return_masks:bool=False,  # also return the predicted class maps (uint8 [H,W], original size), last
                          ):
-    "Tidy metric rows of `model` on `test_df` (and, with `per_image`, a per-image table)."
+    "Tidy metric rows of `model` on `test_df` (with `per_image`, a per-image table; with `return_masks`, the masks, last)."
     meta = model.meta
     if 'img_size' not in meta or 'num_classes' not in meta:
         raise LabError("evaluate_segmentation: the model has no img_size/num_classes in .meta; train it with train_segmentation.")
@@ -785,7 +789,8 @@ def evaluate_segmentation(model:SegmentationModel,  # trained model (`train_segm
     test = SegSplit(test_df, 'test_df', roots, progress=progress).check_classes(C, ii)
     device = device or str(next(model.parameters()).device)
     precision = precision or meta.get('precision', 'fp32')
-    counts, preds = _split_counts(model, test, C, ii, batch_size, device, precision, keep_preds=hc or per_image)
+    keep_preds = hc or per_image or return_masks
+    counts, preds = _split_counts(model, test, C, ii, batch_size, device, precision, keep_preds=keep_preds)
     scores = segmentation_scores(counts)
     table = pd.DataFrame(index=test_df.index)
     if per_image:
@@ -808,7 +813,97 @@ def evaluate_segmentation(model:SegmentationModel,  # trained model (`train_segm
                 head=meta.get('head'), blocks=str(meta.get('blocks')))
     rows = segmentation_rows(scores, backbone or meta.get('backbone', 'backbone'), dataset or _dataset_name(test_df),
                              protocol or meta.get('protocol', _protocol(meta['head'], meta['freeze_backbone'])), shots, draw, **info)
-    return (rows, table) if per_image else rows
+    out = (rows,) + ((table,) if per_image else ()) + ((preds,) if return_masks else ())
+    return out if len(out) > 1 else rows
+
+# %% ../nbs/17_segment.ipynb #3ab4a8c2
+PREDICTIONS_FORMAT = 'ultradino_lab.seg_predictions/1'
+
+def _slug(s:str) -> str:
+    "A file-name-safe form of `s` (a short hash added where characters were replaced)."
+    slug = re.sub(r'[^A-Za-z0-9._-]+', '_', str(s)).strip('._') or 'x'
+    return slug if slug == str(s) else f"{slug}-{hashlib.sha1(str(s).encode()).hexdigest()[:8]}"
+
+def predictions_path(results,     # the results.csv (or its folder)
+                     dataset:str, # task name (the rows' `dataset`)
+                     protocol:str,# the rows' `protocol` ('linear', 'multilevel_ft', ...)
+                     backbone:str,# the rows' `backbone`
+                    ) -> Path:
+    "Where the predicted masks of one (task, protocol, backbone) live: `<results stem>.masks/<task>/<protocol>/<backbone>.npz`."
+    p = Path(results)
+    if p.suffix.lower() != '.csv': p = p/'results.csv'
+    return p.with_name(p.stem + '.masks')/_slug(dataset)/_slug(protocol)/f"{_slug(backbone)}.npz"
+
+def _str_col(df:pd.DataFrame, col:str) -> np.ndarray:
+    v = df[col].astype('string').fillna('').tolist() if col in df.columns else [''] * len(df)
+    return np.array(v, dtype=str) if v else np.zeros(0, dtype='<U1')
+
+def save_seg_predictions(path,                 # the .npz to write (see `predictions_path`)
+                         masks,                # predicted class maps (uint8 [H,W] each), in the order of `test_df`
+                         test_df:pd.DataFrame, # the scored manifest rows (dataset, path, mask_path[, mask_dataset])
+                         backbone:str,         # names as in the results rows
+                         dataset:str,
+                         protocol:str,
+                         benchmark_id:str|None=None, # the rows' `benchmark_id` (tells the report which rows the masks belong to)
+                        ) -> Path:
+    "Predicted masks of one segmentation evaluation + the manifest references of their images, in one compressed .npz."
+    masks = [np.asarray(m) for m in masks]
+    if len(masks) != len(test_df): raise LabError(f"save_seg_predictions: {len(masks)} masks for {len(test_df)} manifest rows.")
+    bad = [i for i, m in enumerate(masks) if m.ndim != 2 or m.min(initial=0) < 0 or m.max(initial=0) > 255]
+    if bad: raise LabError(f"save_seg_predictions: mask {bad[0]} is not a 2-D class map with values 0..255 (shape {masks[bad[0]].shape}).")
+    shape = np.array([m.shape for m in masks], dtype=np.int64).reshape(-1, 2)
+    offset = np.concatenate([[0], np.cumsum(shape.prod(1))]).astype(np.int64)
+    pred = np.concatenate([m.astype(np.uint8).ravel() for m in masks]) if masks else np.zeros(0, np.uint8)
+    arrays = dict(format=np.array(PREDICTIONS_FORMAT), backbone=np.array(str(backbone)), dataset=np.array(str(dataset)),
+                  protocol=np.array(str(protocol)), benchmark_id=np.array('' if benchmark_id is None else str(benchmark_id)),
+                  image=_str_col(test_df, 'path'), source_dataset=_str_col(test_df, 'dataset'),
+                  mask_path=_str_col(test_df, 'mask_path'), mask_dataset=_str_col(test_df, 'mask_dataset'),
+                  shape=shape, offset=offset, pred=pred)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, 'wb') as f: np.savez_compressed(f, **arrays)
+    return path
+
+@dataclass
+class SegPredictions:
+    "Predicted masks read back by `load_seg_predictions`."
+    backbone: str
+    dataset: str
+    protocol: str
+    rows: pd.DataFrame           # image (manifest path), dataset (root name), mask_path, mask_dataset
+    shape: np.ndarray            # [n, 2]
+    offset: np.ndarray           # [n + 1] into `pred`
+    pred: np.ndarray = field(repr=False)
+    path: Path|None = None
+    benchmark_id: str|None = None  # the benchmark call that wrote them (None: not recorded)
+
+    def mask(self, image:str) -> np.ndarray|None:
+        "The predicted class map of the image with manifest path `image` (None if it was not scored)."
+        hit = np.flatnonzero(self.rows['image'].to_numpy() == str(image))
+        if not len(hit): return None
+        i = int(hit[0])
+        return self.pred[self.offset[i]:self.offset[i + 1]].reshape(self.shape[i])
+
+    def __len__(self): return len(self.rows)
+
+def load_seg_predictions(path) -> SegPredictions:
+    "Read a predictions file written by `save_seg_predictions` (no pickle)."
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if 'format' not in z.files or str(z['format']) != PREDICTIONS_FORMAT:
+                raise LabError(f"{path}: not a predictions file of format {PREDICTIONS_FORMAT} (save_seg_predictions writes them).")
+            d = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        if isinstance(e, LabError): raise
+        raise LabError(f"{path}: unreadable predictions file ({type(e).__name__}: {e}).") from None
+    rows = pd.DataFrame({'image': d['image'], 'dataset': d['source_dataset'], 'mask_path': d['mask_path'], 'mask_dataset': d['mask_dataset']})
+    rows = rows.replace('', pd.NA)
+    if not (len(d['shape']) == len(rows) and len(d['offset']) == len(rows) + 1 and d['offset'][-1] == len(d['pred'])):
+        raise LabError(f"{path}: inconsistent predictions file (shape/offset/pred sizes disagree); rewrite it.")
+    bid = str(d['benchmark_id']) if 'benchmark_id' in d else ''
+    return SegPredictions(str(d['backbone']), str(d['dataset']), str(d['protocol']), rows, d['shape'], d['offset'], d['pred'], path,
+                          bid or None)
 
 # %% ../nbs/17_segment.ipynb #934dc039
 def run_segmentation(backbone,                  # what `train_segmentation` takes

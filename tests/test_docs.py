@@ -1,7 +1,8 @@
 """The offline docs site (`make docs`): built from every notebook under nbs/, without Quarto, and whole.
 
 The site is built once per session into a temporary folder (the project's own `_site/` and `_docsite/` are left
-alone); the notebooks' list is computed here from nbs/, independently of `ultradino_lab.docsite`."""
+alone; `browser.docs_site`, shared with test_browser_docs.py); the notebooks' list is computed here from nbs/,
+independently of `ultradino_lab.docsite`."""
 import posixpath, re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -48,10 +49,9 @@ def parse(path):
 
 @pytest.fixture(scope='module')
 def site(tmp_path_factory):
-    from ultradino_lab.docsite import build_docs
-    d = tmp_path_factory.mktemp('docs')
-    out = build_docs(out=d/'site', build_dir=d/'build', root=ROOT, quiet=True)
-    assert out == d/'site'
+    from browser import docs_site   # built once per session, shared with the browser test (test_browser_docs.py)
+    out = docs_site(tmp_path_factory)
+    assert (out/'index.html').is_file() and out.name == 'site'
     return out
 
 
@@ -121,5 +121,55 @@ def test_build_leaves_the_repo_clean(site):
     import subprocess
     st = subprocess.run(['git', 'status', '--porcelain', '--ignored=no', '--', 'nbs', '.'], cwd=ROOT,
                         capture_output=True, text=True).stdout
-    generated = [l for l in st.splitlines() if re.search(r'(mkdocs\.yml|_docsite|_site|_proc|sidebar\.yml)', l)]
+    generated = [l for l in st.splitlines() if re.search(r'(^|/)(mkdocs\.yml|_docsite|_site|_proc|sidebar\.yml)(/|$)', l[3:].strip('"'))]
     assert not generated, generated
+
+
+def test_tutorials_pipelines_and_explorers(site):
+    import json
+    tutorials = [nb for nb in notebooks() if nb.startswith('tutorials/')]
+    assert len(tutorials) >= 4, tutorials
+    for nb in notebooks():
+        if not nb.startswith(('tutorials/', 'pipelines/', 'explore/')): continue
+        html = (site/page_of(nb)).read_text()
+        assert '<h1' in html and '!ultradino-lab' not in html, nb           # shell cells are shown as shell commands
+        cells = json.loads((NBS/nb).read_text())['cells']
+        if any('parameters' in c.get('metadata', {}).get('tags', []) for c in cells):   # papermill's parameters cell
+            assert '<p class="admonition-title">Parameters</p>' in html and f'papermill nbs/{nb} out.ipynb' in html, nb
+
+
+def _commands(prog):
+    "(notebook, argv) of every `prog ...` command line in the tutorials' code cells and Markdown code blocks."
+    import json, shlex
+    out = []
+    for nb in notebooks():
+        if not nb.startswith('tutorials/'): continue
+        for c in json.loads((NBS/nb).read_text())['cells']:
+            src = re.sub(r'\\\n\s*', ' ', ''.join(c['source']))               # shell line continuations
+            for line in src.splitlines():
+                line = line.strip().lstrip('#').strip().lstrip('!')
+                m = re.search(rf'(?:^|\s|\$\(which ){re.escape(prog)}\)?\s+(.*)$', line)
+                if not m or '`' in line or m.group(1).startswith('...'): continue
+                out.append((nb, shlex.split(re.split(r'\s+#\s', m.group(1))[0])))
+    return out
+
+
+def test_tutorial_commands_parse():
+    "Every `ultradino-lab` command the tutorials show is accepted by the real command line, and papermill's `-p` names exist."
+    import papermill as pm
+    from ultradino_lab.cli import build_parser
+    parser, bad = build_parser(), []
+    cmds = _commands('ultradino-lab')
+    assert len(cmds) >= 10, cmds
+    params = lambda name: set(pm.inspect_notebook(NBS/'pipelines'/f'{name}.ipynb'))
+    for nb, argv in cmds:
+        try: parser.parse_args(argv)
+        except SystemExit: bad.append((nb, argv)); continue
+        if argv[0] == 'pipeline':
+            keys = [argv[i + 1] for i, a in enumerate(argv) if a in ('-p', '--parameter')]
+            if unknown := set(keys) - params(argv[1]): bad.append((nb, argv, unknown))
+    for nb, argv in _commands('papermill'):
+        if not (argv and argv[0].endswith('.ipynb')): continue               # prose that mentions papermill
+        keys = [argv[i + 1] for i, a in enumerate(argv) if a == '-p']
+        if unknown := set(keys) - set(pm.inspect_notebook(ROOT/argv[0])): bad.append((nb, argv, unknown))
+    assert not bad, bad

@@ -14,9 +14,9 @@ from pathlib import Path, PurePosixPath
 from .core import LabError, atomic_write_text
 
 # %% auto #0
-__all__ = ['SECTIONS', 'project_root', 'doc_notebooks', 'page_name', 'nav_sections', 'process_notebooks', 'cell_options',
-           'fix_links', 'quarto_callouts', 'pandoc_slug', 'notebook_markdown', 'mkdocs_config', 'doc_anchors',
-           'write_pages', 'build_docs', 'readme_markdown', 'write_readme']
+__all__ = ['SECTIONS', 'PAGE_ORDER', 'project_root', 'doc_notebooks', 'page_name', 'nav_sections', 'process_notebooks',
+           'cell_options', 'fix_links', 'quarto_callouts', 'pandoc_slug', 'shell_code', 'notebook_markdown',
+           'mkdocs_config', 'doc_anchors', 'write_pages', 'build_docs', 'readme_markdown', 'write_readme']
 
 # %% ../nbs/90_docsite.ipynb #3b315ba0
 def project_root(root=None, # the project folder or any folder inside it (default: the working folder, else this package's project)
@@ -49,7 +49,15 @@ def page_name(nb:str, # notebook path relative to nbs/
     return str(p.with_name(_re_numprefix.sub('', p.name.lower())).with_suffix(ext))
 
 # %% ../nbs/90_docsite.ipynb #c26ac611
-SECTIONS = {'': 'Library', 'tutorials': 'Tutorials', 'pipelines': 'Pipelines', 'explore': 'Explore'}
+SECTIONS = {'tutorials': 'Tutorials', '': 'Library', 'pipelines': 'Pipelines', 'explore': 'Explore',
+            'performance': 'Performance'}   # folder (or top-level notebook stem) -> section, in navigation order
+PAGE_ORDER = {'pipelines': ('pretrain', 'benchmark', 'report'),    # folder -> notebook stems in reading order (others follow)
+              'explore': ('attention_maps', 'patch_pca', 'embeddings', 'few_shot_neighbours')}
+
+def _section_key(nb:str) -> str:
+    "The folder of a notebook in a sub-folder; '' for a numbered top-level notebook; else the notebook's stem."
+    if '/' in nb: return nb.split('/')[0]
+    return '' if _re_numprefix.match(nb) else PurePosixPath(nb).stem.lower()
 
 def nav_sections(nbs:list[str], # notebook paths relative to nbs/ (see `doc_notebooks`)
                 ) -> list[tuple[str, list[str]]]:
@@ -57,15 +65,17 @@ def nav_sections(nbs:list[str], # notebook paths relative to nbs/ (see `doc_note
     groups = {}
     for nb in nbs:
         if nb == 'index.ipynb': continue
-        top = nb.split('/')[0] if '/' in nb else ''
-        groups.setdefault(top, []).append(nb)
-    def _order(nb): return (PurePosixPath(nb).name != 'index.ipynb' or nb.count('/') > 1, nb)
+        groups.setdefault(_section_key(nb), []).append(nb)
+    def _order(nb):
+        p = PurePosixPath(nb); first = PAGE_ORDER.get(p.parts[0], ()) if len(p.parts) == 2 else ()
+        return (p.name != 'index.ipynb' or len(p.parts) > 2, first.index(p.stem) if p.stem in first else len(first), nb)
     known = [k for k in SECTIONS if k in groups]
     other = sorted(k for k in groups if k not in SECTIONS)
     res = [('Home', ['index.ipynb'])] if 'index.ipynb' in nbs else []
     for k in known + other:
         res.append((SECTIONS.get(k) or k.replace('_', ' ').replace('-', ' ').title(), sorted(groups[k], key=_order)))
     return res
+
 
 # %% ../nbs/90_docsite.ipynb #ce2db506
 _PROC_SCRIPT = r'''
@@ -248,6 +258,23 @@ def _fold_md(code:str, summary:str, open_:bool) -> str:
     body = '\n'.join('    ' + l if l.strip() else '' for l in f'```python\n{code}\n```'.split('\n'))
     return f'???{"+" if open_ else ""} abstract "{summary}"\n\n{body}\n'
 
+_re_cell_magic = re.compile(r'^%%(bash|sh|script\s+(?:ba)?sh)\b[^\n]*\n')
+
+def shell_code(code:str) -> str|None:
+    "The shell commands of a cell made only of `!command` lines (and comments), or of a `%%bash` cell; else None."
+    if m := _re_cell_magic.match(code): return code[m.end():].strip('\n')
+    lines = [l for l in code.splitlines() if l.strip()]
+    if not lines or not any(l.lstrip().startswith('!') for l in lines): return None
+    if not all(l.lstrip().startswith(('!', '#')) for l in lines): return None
+    return '\n'.join(l.lstrip()[1:] if l.lstrip().startswith('!') else l for l in code.strip('\n').splitlines())
+
+_PARAMS_NOTE = ("The notebook's parameters (the cell tagged `parameters`): papermill replaces them, e.g. "
+                "`papermill {nb} out.ipynb -p {name} VALUE`, or `-f params.yaml`.")
+
+def _params_md(code:str, nb_path:str, name:str) -> str:
+    body = _PARAMS_NOTE.format(nb=nb_path, name=name) + f'\n\n```python\n{code}\n```'
+    return '!!! abstract "Parameters"\n\n' + '\n'.join('    ' + l if l.strip() else '' for l in body.split('\n')) + '\n'
+
 _re_heading = re.compile(r'^#{1,6}\s+(.+?)\s*$')
 
 def _add_anchors(md:str, anchors) -> tuple[str, str]:
@@ -284,6 +311,7 @@ def notebook_markdown(nb,                # a processed notebook (nbformat node)
                       pages:dict=None,   # site path -> page, for `fix_links`
                       site_url='',       # the published site, for `fix_links`
                       anchors=(),        # ids nbdev's doc links expect on this page (see `doc_anchors`)
+                      source=None,       # the notebook, relative to nbs/ (for the papermill hint; default: from `page`)
                      ) -> tuple[str, dict]:
     "Markdown for a processed notebook, and the files its outputs need (`{path relative to the page's folder: bytes}`)."
     import jinja2, nbformat as nbf, yaml
@@ -313,6 +341,14 @@ def notebook_markdown(nb,                # a processed notebook (nbformat node)
         fold = opts.get('code-fold', 'false') in ('true', 'show')
         if echo and fold:
             cells.append(nbf.v4.new_markdown_cell(_fold_md(code, opts.get('code-summary', 'Code'), opts['code-fold'] == 'show')))
+        params = echo and not fold and 'parameters' in (c.metadata.get('tags') or [])
+        sh = shell_code(code) if echo and not fold and not params else None
+        if params:
+            names = re.findall(r'^([A-Za-z_]\w*)\s*(?::[^=\n]*)?=', code, flags=re.MULTILINE)
+            cells.append(nbf.v4.new_markdown_cell(_params_md(code, f"nbs/{source or page[:-3] + '.ipynb'}", names[0] if names else 'NAME')))
+        elif sh is not None: cells.append(nbf.v4.new_markdown_cell(f'```sh\n{sh}\n```'))
+        if params or sh is not None:
+            echo = False   # shown above; outputs (if any) follow
         if echo and not fold: cells.append(nbf.v4.new_code_cell(code, outputs=outputs))
         elif outputs:
             cell = nbf.v4.new_code_cell('', outputs=outputs); cell.metadata['transient'] = {'remove_source': True}
@@ -323,7 +359,7 @@ def notebook_markdown(nb,                # a processed notebook (nbformat node)
     body, res = ex.from_notebook_node(out, resources={'unique_key': stem, 'output_files_dir': f'{stem}_files'})
     title = str(fm.get('title') or stem.replace('_', ' ').capitalize())
     desc = fm.get('description')
-    meta = {'title': title, **({'description': str(desc)} if desc else {})}
+    meta = {'title': title.replace('`', ''), **({'description': str(desc)} if desc else {})}   # plain text: <title>, navigation
     head = f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)}---\n\n# {title}\n\n"
     if desc: head += f'<div class="description" markdown>\n{_links(str(desc))}\n</div>\n\n'
     body = re.sub(r'\n{3,}', '\n\n', body).strip() + '\n'
@@ -335,6 +371,7 @@ _CSS = """/* ultradino_lab offline docs (generated) */
 div.description { font-size: 1.15em; font-style: italic; opacity: .75; margin-top: -.6em; margin-bottom: 1.2em; }
 .md-typeset hr { margin: 2em 0 1em; }
 .md-typeset h3[id] code, .md-typeset h3[id] { font-family: var(--md-code-font-family); }
+.md-grid { max-width: 1440px; }   /* room for 120-column code */
 """
 
 _SHIM = r"""/* iframe-worker 1.0.4 shim (https://github.com/squidfunk/iframe-worker): lets the search web worker run from file://.
@@ -354,7 +391,7 @@ ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEAL
 "use strict";(()=>{function c(s,n){parent.postMessage(s,n||"*")}function d(...s){return s.reduce((n,e)=>n.then(()=>new Promise(r=>{let t=document.createElement("script");t.src=e,t.onload=r,document.body.appendChild(t)})),Promise.resolve())}var o=class extends EventTarget{constructor(e){super();this.url=e;this.m=e=>{e.source===this.w&&(this.dispatchEvent(new MessageEvent("message",{data:e.data})),this.onmessage&&this.onmessage(e))};this.e=(e,r,t,i,m)=>{if(r===`${this.url}`){let a=new ErrorEvent("error",{message:e,filename:r,lineno:t,colno:i,error:m});this.dispatchEvent(a),this.onerror&&this.onerror(a)}};let r=document.createElement("iframe");r.hidden=!0,document.body.appendChild(this.iframe=r),this.w.document.open(),this.w.document.write(`<html><body><script>postMessage=${c};importScripts=${d};addEventListener("error",({error})=>{parent.dispatchEvent(new ErrorEvent("error",{filename:"${e}",error}))})<\/script><script src=${e}?${+Date.now()}><\/script></body></html>`),this.w.document.close(),onmessage=this.m,onerror=this.e,this.r=new Promise((t,i)=>{this.w.onload=t,this.w.onerror=i})}terminate(){this.iframe.remove(),onmessage=onerror=null}postMessage(e){this.r.catch().then(()=>{this.w.dispatchEvent(new MessageEvent("message",structuredClone({data:e})))})}get w(){return this.iframe.contentWindow}};window.IFrameWorker=o;location.protocol==="file:"&&(window.Worker=o);})();
 """
 
-def mkdocs_config(sections:list,   # `[(section, [(title, page), ...]), ...]`
+def mkdocs_config(sections:list,   # `[(section, [(title, page), ...] or 'page.md' for a single link), ...]`
                   title:str,       # site name
                   description='',  # site description
                   repo_url='',     # repository link for the footer
@@ -363,12 +400,13 @@ def mkdocs_config(sections:list,   # `[(section, [(title, page), ...]), ...]`
     import yaml
     nav = []
     for sec, items in sections:
-        if sec == 'Home' and len(items) == 1: nav.append({'Home': items[0][1]})
+        if isinstance(items, str): nav.append({sec: items})
+        elif sec == 'Home' and len(items) == 1: nav.append({'Home': items[0][1]})
         else: nav.append({sec: [{t: p} for t, p in items]})
     cfg = {
         'site_name': title, 'site_description': description, 'docs_dir': 'docs', 'use_directory_urls': False,
         'theme': {'name': 'material', 'font': False, 'language': 'en',
-                  'features': ['navigation.sections', 'navigation.top', 'navigation.footer', 'navigation.indexes',
+                  'features': ['navigation.tabs', 'navigation.sections', 'navigation.top', 'navigation.footer', 'navigation.indexes',
                                'search.highlight', 'content.code.copy', 'toc.follow'],
                   'palette': [{'scheme': 'default', 'toggle': {'icon': 'material/brightness-7', 'name': 'Dark mode'}},
                               {'scheme': 'slate', 'toggle': {'icon': 'material/brightness-4', 'name': 'Light mode'}}]},
@@ -446,7 +484,7 @@ def write_pages(docs:Path,      # the MkDocs `docs/` folder to (re)write
     for r, proc in procd.items():
         page = docs/pages[r]
         md, files = notebook_markdown(nbf.read(proc, as_version=4), pages[r], links, site_url,
-                                      (anchors or {}).get(page_name(r, '.html'), ()))
+                                      (anchors or {}).get(page_name(r, '.html'), ()), r)
         titles[r] = yaml.safe_load(md.split('---\n')[1])['title']
         page.parent.mkdir(parents=True, exist_ok=True)
         page.write_text(md, encoding='utf-8')
@@ -533,7 +571,8 @@ def build_docs(out='_site',           # site folder; a relative path is relative
                 if f.relative_to(build/'proc').as_posix().removesuffix('.key') not in procd: f.unlink()
         t1 = time.time()
         titles = write_pages(build/'docs', nbs, procd, site_url, doc_anchors(cfg.lib_path), cfg.title)
-        sections = [(s, [(titles[r], page_name(r)) for r in items]) for s, items in nav_sections(rels)]
+        sections = [(s, page_name(items[0]) if len(items) == 1 and '/' not in items[0] and _section_key(items[0]) != ''
+                     else [(titles[r], page_name(r)) for r in items]) for s, items in nav_sections(rels)]
         if 'index.ipynb' not in rels: sections.insert(0, ('Home', [('Home', 'index.md')]))
         yml = atomic_write_text(build/'mkdocs.yml', mkdocs_config(sections, cfg.title, cfg.get('description', ''), cfg.get('git_url', '')))
         log = _mkdocs_build(yml, out, strict)
